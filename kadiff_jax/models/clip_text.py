@@ -188,7 +188,3 @@ def encode(params, input_ids, *, config: CLIPTextConfig, attention_mask=None, dt
 def init_shapes(config: CLIPTextConfig):
   ids = jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32)
   return jax.eval_shape(lambda i: CLIPText(config).init(jax.random.PRNGKey(0), i), ids)["params"]
-
-
-def init(key, config: CLIPTextConfig):
-  return CLIPText(config).init(key, jnp.zeros((1, config.max_position_embeddings), jnp.int32))["params"]

@@ -448,13 +448,3 @@ def init_shapes(config: UNetConfig, dtype=jnp.float32, batch: int = 1):
          jax.ShapeDtypeStruct((batch, 6), jnp.float32)) if config.addition_embed_type else (None, None)))
   model = UNet(config, dtype)
   return jax.eval_shape(lambda x_, c_: model.init(jax.random.PRNGKey(0), x_, jnp.zeros((batch,)), c_), x, cond)["params"]
-
-
-def init(key, config: UNetConfig, dtype=jnp.float32):
-  """Randomly initialised params (for tests and tiny models)."""
-  s = min(config.sample_size, 2 ** (config.num_blocks - 1) * 2)
-  x = jnp.zeros((1, s, s, config.in_channels))
-  cond = UNetCond(jnp.zeros((1, 3, config.cross_attention_dim[0])),
-                  *((jnp.zeros((1, config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim)),
-                     jnp.zeros((1, 6))) if config.addition_embed_type else (None, None)))
-  return UNet(config, dtype).init(key, x, jnp.zeros((1,)), cond)["params"]

@@ -232,8 +232,3 @@ def decode(params, latents, *, config: VAEConfig, dtype=jnp.float32) -> jax.Arra
 def init_shapes(config: VAEConfig):
   x = jax.ShapeDtypeStruct((1, 64, 64, config.in_channels), jnp.float32)
   return jax.eval_shape(lambda x_: AutoencoderKL(config).init(jax.random.PRNGKey(0), x_), x)["params"]
-
-
-def init(key, config: VAEConfig):
-  x = jnp.zeros((1, 2 ** len(config.block_out_channels), 2 ** len(config.block_out_channels), config.in_channels))
-  return AutoencoderKL(config).init(key, x)["params"]

@@ -101,12 +101,12 @@ def _checkpointer():
   return ocp.StandardCheckpointer()
 
 
-def save_component(folder: Path, params: Any, config: dict, *, prefix: str = "",
+def save_component(folder: Path, state: dict[str, np.ndarray], config: dict, *,
                    weights_name: str = "diffusion_pytorch_model.safetensors") -> None:
-  """Writes params in torch names/layout as safetensors plus `config.json` (atomically per file)."""
+  """Writes a torch-named state dict as fp32 safetensors plus `config.json` (each file atomically)."""
   from safetensors.numpy import save_file
   folder.mkdir(parents=True, exist_ok=True)
-  state = {k: v.astype(np.float32) for k, v in convert.params_to_torch(params, prefix=prefix).items()}
+  state = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
   _atomic(folder / weights_name, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
   _atomic(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
 
