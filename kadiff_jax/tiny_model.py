@@ -45,14 +45,16 @@ def random_params(shapes, seed):
 
   def draw(path, leaf):
     name, shape = path[-1].key, tuple(leaf.shape)
-    z = rng.standard_normal(shape).astype(np.float32)
+    z = rng.standard_normal(shape)
     if name == "kernel":
-      return z / np.sqrt(np.prod(shape[:-1]))
-    if name == "embedding":
-      return 0.02 * z
-    if name == "scale":
-      return 1 + 0.1 * z
-    return 0.05 * z
+      z = z / np.sqrt(np.prod(shape[:-1]))
+    elif name == "embedding":
+      z = 0.02 * z
+    elif name == "scale":
+      z = 1 + 0.1 * z
+    else:
+      z = 0.05 * z
+    return z.astype(np.float32)
 
   return jax.tree_util.tree_map_with_path(draw, shapes)
 

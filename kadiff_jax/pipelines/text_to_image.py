@@ -1,7 +1,9 @@
 """SDXL text-to-image: the denoising loop as one jitted `lax.scan`, data-parallel.
 
-Noise for image i of a job with seed s is `normal(fold_in(PRNGKey(s), i))`,
-so every image is reproducible on its own, whatever the batch or device count.
+Noise for image i of a job with seed s is `normal(fold_in(PRNGKey(s), i))`, so
+an image's noise does not depend on how jobs are batched or sharded. The same
+job run the same way gives bit-identical output; a different batch size can
+change float rounding in XLA's matmuls (about 1e-6 relative on the latents).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class DDIM:
 
   def set_timesteps(self, num_steps: int) -> DDIMState:
     ac = self.config.alphas_cumprod()
-    ts = self.config.spaced_timesteps(num_steps).astype(np.int64)
+    ts = np.round(self.config.spaced_timesteps(num_steps)).astype(np.int64)  # DDIM rounds linspace spacing
     prev = ts - self.config.num_train_timesteps // num_steps
     final = np.float32(1.0) if self.set_alpha_to_one else ac[0]
     alpha_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final).astype(np.float32)

@@ -92,6 +92,7 @@ def torch_to_params(state: Mapping[str, np.ndarray], expected: Mapping[str, Any]
   ignore = [re.compile(p) for p in ignore]
   out: dict[tuple[str, ...], np.ndarray] = {}
   unexpected, mis_shaped = [], []
+  seen: set[tuple[str, ...]] = set()  # targets a key was found for, even if its shape was wrong
   for key, array in state.items():
     name = key
     for pat, rep in renames:
@@ -109,6 +110,7 @@ def torch_to_params(state: Mapping[str, np.ndarray], expected: Mapping[str, Any]
       unexpected.append(key)
       continue
     shape = tuple(want[target].shape)
+    seen.add(target)
     try:
       value = _to_flax_layout(target[-1], np.asarray(array), len(shape))
     except ValueError as e:
@@ -122,7 +124,7 @@ def torch_to_params(state: Mapping[str, np.ndarray], expected: Mapping[str, Any]
       unexpected.append(f"{key} (duplicate of another key for {'.'.join(target)})")
       continue
     out[target] = value if dtype is None else value.astype(dtype)
-  missing = [path_to_torch_module(p[:-1]) + "." + _torch_leaf(p[-1]) for p in want if p not in out]
+  missing = [path_to_torch_module(p[:-1]) + "." + _torch_leaf(p[-1]) for p in want if p not in seen]
   if missing or unexpected or mis_shaped:
     raise WeightsError(_report(component, missing, unexpected, mis_shaped))
   return _unflatten(out)

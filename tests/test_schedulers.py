@@ -1,0 +1,74 @@
+"""DDIM and EulerDiscrete: timesteps and every step vs diffusers."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+from kadiff_jax import schedulers
+from kadiff_jax.models.config_util import ConfigError
+
+KADIFF_DDIM = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                   set_alpha_to_one=False, steps_offset=0, timestep_spacing="leading")
+SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                  timestep_spacing="leading")
+
+CASES = [
+    ("ddim", DDIMScheduler, KADIFF_DDIM, 50),
+    ("ddim", DDIMScheduler, {**KADIFF_DDIM, "steps_offset": 1, "set_alpha_to_one": True}, 7),
+    ("ddim", DDIMScheduler, {**KADIFF_DDIM, "timestep_spacing": "trailing"}, 10),
+    ("ddim", DDIMScheduler, {**KADIFF_DDIM, "timestep_spacing": "linspace"}, 9),
+    ("ddim", DDIMScheduler, {**KADIFF_DDIM, "prediction_type": "v_prediction", "clip_sample": True}, 6),
+    ("ddim", DDIMScheduler, {**KADIFF_DDIM, "prediction_type": "sample", "beta_schedule": "linear"}, 6),
+    ("ddim", DDIMScheduler, {**KADIFF_DDIM, "beta_schedule": "squaredcos_cap_v2"}, 6),
+    ("euler", EulerDiscreteScheduler, SDXL_EULER, 30),
+    ("euler", EulerDiscreteScheduler, {**SDXL_EULER, "timestep_spacing": "trailing"}, 8),
+    ("euler", EulerDiscreteScheduler, {**SDXL_EULER, "timestep_spacing": "linspace",
+                                       "prediction_type": "v_prediction"}, 8),
+]
+
+
+@pytest.mark.parametrize("name,cls,cfg,steps", CASES)
+def test_scheduler_matches_diffusers_step_by_step(name, cls, cfg, steps):
+  ref = cls(**cfg)
+  ref.set_timesteps(steps)
+  sched = schedulers.from_name(name, dict(ref.config))
+  state = sched.set_timesteps(steps)
+  np.testing.assert_array_equal(np.asarray(state.timesteps), ref.timesteps.numpy())
+  assert float(sched.init_noise_sigma(state)) == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+  rng = np.random.default_rng(steps)
+  x = (rng.standard_normal((1, 4, 8, 8)) * float(ref.init_noise_sigma)).astype(np.float32)
+  ours = jnp.asarray(x)  # our own trajectory, never reset
+  for i, t in enumerate(ref.timesteps):
+    out = rng.standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(sched.scale_model_input(state, i, jnp.asarray(x))),
+                               ref.scale_model_input(torch.tensor(x), t).numpy(), rtol=1e-6, atol=1e-7)
+    step_ours = np.asarray(sched.step(state, i, jnp.asarray(x), jnp.asarray(out)))  # same input as torch
+    ours = sched.step(state, i, ours, jnp.asarray(out))
+    x = ref.step(torch.tensor(out), t, torch.tensor(x)).prev_sample.numpy()
+    scale = max(1.0, np.abs(x).max())
+    assert np.abs(step_ours - x).max() / scale < 1e-6, (i, int(t))
+  assert np.abs(np.asarray(ours) - x).max() / max(1.0, np.abs(x).max()) < 1e-5
+
+
+def test_alphas_cumprod_bit_exact():
+  ref = DDIMScheduler(**KADIFF_DDIM).alphas_cumprod.numpy()
+  np.testing.assert_array_equal(schedulers.DDIM().config.alphas_cumprod(), ref)
+
+
+def test_unknown_scheduler_and_fields():
+  with pytest.raises(ValueError, match="unknown scheduler 'dpm'"):
+    schedulers.from_name("dpm")
+  with pytest.raises(ConfigError, match="use_karras_sigmas"):
+    schedulers.from_name("euler", {**SDXL_EULER, "use_karras_sigmas": True})
+  with pytest.raises(ConfigError, match="thresholding"):
+    schedulers.from_name("ddim", {**KADIFF_DDIM, "thresholding": True})
+  with pytest.raises(ConfigError, match="not_a_field"):
+    schedulers.from_name("ddim", {"not_a_field": 1})
+  # an SDXL Euler config is reusable for DDIM, as with diffusers' from_config
+  sdxl = {"_class_name": "EulerDiscreteScheduler", **SDXL_EULER, "interpolation_type": "linear",
+          "use_karras_sigmas": False, "skip_prk_steps": True, "sample_max_value": 1.0}
+  assert schedulers.from_name("ddim", sdxl).config.steps_offset == 1
