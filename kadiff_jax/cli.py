@@ -20,11 +20,13 @@ def _generate(args) -> None:
 
   if args.num_images < 1:
     raise UsageError(f"--num-images {args.num_images}: expected at least 1")
+  from kadiff_jax import schedulers
+  if args.steps < 1:
+    raise UsageError(f"--steps {args.steps}: expected at least 1")
   opts = t2i.GenerationOptions(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                                height=args.height, width=args.width, dtype=args.dtype)
-  t2i.compute_dtype(args.dtype)
-  from kadiff_jax import schedulers
-  schedulers.from_name(args.scheduler)  # fail on a bad name before loading anything
+  dtype = t2i.compute_dtype(args.dtype)  # fail on bad names before loading anything
+  schedulers.from_name(args.scheduler)
   for name in ("height", "width"):
     v = getattr(args, name)
     if v is not None and (v <= 0 or v % 8):
@@ -36,7 +38,6 @@ def _generate(args) -> None:
       raise UsageError(f"--init-latents {args.init_latents}: shape {init.shape}, expected "
                        f"[num_images={args.num_images}, C, H/8, W/8] (NCHW, float32)")
     init = init.astype(np.float32).transpose(0, 2, 3, 1)
-  dtype = t2i.compute_dtype(args.dtype)
   models = load_sdxl(args.model, dtype=dtype, variant=args.variant,
                      cache_dir=Path(args.cache_dir) if args.cache_dir else None)
   jobs = [t2i.ImageJob(args.prompt, args.negative_prompt, args.seed, i) for i in range(args.num_images)]
