@@ -38,10 +38,22 @@ def _generate(args) -> None:
       raise UsageError(f"--init-latents {args.init_latents}: shape {init.shape}, expected "
                        f"[num_images={args.num_images}, C, H/8, W/8] (NCHW, float32)")
     init = init.astype(np.float32).transpose(0, 2, 3, 1)
-  models = load_sdxl(args.model, dtype=dtype, variant=args.variant,
-                     cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-  jobs = [t2i.ImageJob(args.prompt, args.negative_prompt, args.seed, i) for i in range(args.num_images)]
-  t2i.generate(models, jobs, opts, args.out, init_latents=init, batch_size=args.batch_size)
+  if bool(args.ip_adapter) != bool(args.image_encoder) or bool(args.ip_adapter) != bool(args.reference):
+    raise UsageError("--ip-adapter, --image-encoder and --reference go together (got "
+                     f"ip_adapter={args.ip_adapter!r}, image_encoder={args.image_encoder!r}, "
+                     f"reference={args.reference!r})")
+  if args.reference:
+    from kadiff_jax import image_io
+    image_io.load_rgb(args.reference)  # a bad reference fails before any model loads
+  cache_dir = Path(args.cache_dir) if args.cache_dir else None
+  models = load_sdxl(args.model, dtype=dtype, variant=args.variant, cache_dir=cache_dir)
+  adapter = None
+  if args.ip_adapter:
+    from kadiff_jax.weights.ip_adapter import load_ip_adapter
+    adapter = load_ip_adapter(args.ip_adapter, args.image_encoder, models.unet_config, cache_dir=cache_dir)
+  jobs = [t2i.ImageJob(args.prompt, args.negative_prompt, args.seed, i, args.reference, args.ip_scale)
+          for i in range(args.num_images)]
+  t2i.generate(models, jobs, opts, args.out, init_latents=init, batch_size=args.batch_size, adapter=adapter)
   print(f"wrote {len(jobs)} image(s) to {args.out}")
 
 
@@ -78,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--variant", default=None, help="weight file variant, e.g. fp16")
   g.add_argument("--init-latents", default=None, help=".npy of [num_images, 4, H/8, W/8] float32 (NCHW)")
   g.add_argument("--cache-dir", default=None, help="where converted params and the tiny model are cached")
+  g.add_argument("--ip-adapter", default=None, help="IP-Adapter file (.safetensors or .bin), Plus or base")
+  g.add_argument("--image-encoder", default=None, help="its CLIP image encoder folder (CLIPVisionModelWithProjection)")
+  g.add_argument("--reference", default=None, help="reference image for the IP-Adapter")
+  g.add_argument("--ip-scale", type=float, default=None, help="IP-Adapter scale (default 0.5 Plus, 0.6 base)")
   g.set_defaults(func=_generate)
 
   t = sub.add_parser("make-tiny-model", help="write a tiny random SDXL pipeline in diffusers format")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kadiff_jax import clip_bpe
-from kadiff_jax.models import clip_text, unet, vae
+from kadiff_jax.models import clip_text, clip_vision, image_proj, unet, vae
 from kadiff_jax.weights import convert
 from kadiff_jax.weights.load import default_cache_dir, save_component
 
@@ -88,6 +88,7 @@ def make_tiny_model(folder: str | os.PathLike, seed: int = 0) -> Path:
     save_component(tmp / name, _text_state(random_params(clip_text.init_shapes(cfg), [seed, 2 + i])),
                    {**cfg.to_transformers(cfg.projection_dim is not None), "torch_dtype": "float32"},
                    weights_name="model.safetensors")
+  write_tiny_ip_adapter(tmp / "ip_adapter", ucfg, seed)
   clip_bpe.write_tokenizer(tmp / "tokenizer", TINY_VOCAB)
   clip_bpe.write_tokenizer(tmp / "tokenizer_2", TINY_VOCAB, pad_token="!")
   (tmp / "scheduler").mkdir()
@@ -105,6 +106,41 @@ def make_tiny_model(folder: str | os.PathLike, seed: int = 0) -> Path:
   os.replace(tmp, folder)
   log.info("wrote tiny SDXL pipeline (seed %d) to %s", seed, folder)
   return folder
+
+
+TINY_IP_ADAPTER = "ip_adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors"
+TINY_IMAGE_ENCODER = "ip_adapter/models/image_encoder"
+
+
+def tiny_resampler(ucfg: unet.UNetConfig, ecfg: clip_vision.CLIPVisionConfig) -> image_proj.ResamplerConfig:
+  """The Plus projection at tiny size (dim_head 64, depth 4, as diffusers' loader assumes)."""
+  return image_proj.ResamplerConfig(dim=64, depth=4, dim_head=64, heads=1, num_queries=4,
+                                    embedding_dim=ecfg.hidden_size, output_dim=ucfg.cross_attention_dim[0])
+
+
+def write_tiny_ip_adapter(folder: Path, ucfg: unet.UNetConfig, seed: int = 0) -> None:
+  """IP-Adapter-Plus file + CLIP image encoder in h94/IP-Adapter's layout under `folder`."""
+  from kadiff_jax.models.ip_adapter import IPAdapter
+  from kadiff_jax.weights.ip_adapter import adapter_state
+  from safetensors.numpy import save_file
+
+  ecfg = clip_vision.tiny()
+  enc = random_params(clip_vision.init_shapes(ecfg), [seed, 10])
+  enc = dict(enc)
+  proj_out = enc.pop("visual_projection")
+  state = convert.params_to_torch(enc, prefix="vision_model.")
+  state.update(convert.params_to_torch({"visual_projection": proj_out}))
+  save_component(folder / "models" / "image_encoder", state, {**ecfg.to_transformers(), "torch_dtype": "float32"},
+                 weights_name="model.safetensors")
+  pcfg = tiny_resampler(ucfg, ecfg)
+  rng = np.random.default_rng([seed, 11])
+  cross = ucfg.cross_attention_dim[0]
+  layers = {s.path: {n: (rng.standard_normal((cross, unet.site_channels(ucfg, s.path))) / np.sqrt(cross))
+                     .astype(np.float32) for n in ("to_k_ip", "to_v_ip")}
+            for s in unet.attention_sites(ucfg).values() if s.kind == "cross"}
+  adapter = IPAdapter(ecfg, None, pcfg, random_params(image_proj.init_shapes(pcfg), [seed, 12]), layers)
+  (folder / "sdxl_models").mkdir(parents=True, exist_ok=True)
+  save_file(adapter_state(adapter, ucfg), str(folder / "sdxl_models" / "ip-adapter-plus_sdxl_vit-h.safetensors"))
 
 
 def tiny_model_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:

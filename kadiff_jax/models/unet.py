@@ -139,12 +139,12 @@ class UNetConfig:
         "out_channels": self.out_channels, "sample_size": self.sample_size,
         "down_block_types": list(self.down_block_types), "mid_block_type": self.mid_block_type,
         "up_block_types": list(self.up_block_types), "block_out_channels": list(self.block_out_channels),
-        "layers_per_block": list(self.layers_per_block),
+        "layers_per_block": _scalar_if_uniform(self.layers_per_block),
         "transformer_layers_per_block": list(self.transformer_layers_per_block),
         "reverse_transformer_layers_per_block": (list(self.reverse_transformer_layers_per_block)
                                                  if self.reverse_transformer_layers_per_block else None),
         "attention_head_dim": list(self.attention_heads),
-        "cross_attention_dim": list(self.cross_attention_dim),
+        "cross_attention_dim": _scalar_if_uniform(self.cross_attention_dim),
         "use_linear_projection": self.use_linear_projection, "upcast_attention": self.upcast_attention,
         "addition_embed_type": self.addition_embed_type, "addition_time_embed_dim": self.addition_time_embed_dim,
         "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
@@ -152,6 +152,11 @@ class UNetConfig:
         "flip_sin_to_cos": self.flip_sin_to_cos, "freq_shift": self.freq_shift,
         "downsample_padding": self.downsample_padding,
     }
+
+
+def _scalar_if_uniform(values: tuple[int, ...]):
+  """Real configs store a per-block value once when all blocks share it (diffusers' IP-Adapter loader needs that)."""
+  return values[0] if len(set(values)) == 1 else list(values)
 
 
 def sdxl_base() -> UNetConfig:
@@ -218,6 +223,15 @@ def attention_sites(config: UNetConfig) -> dict[str, AttentionSite]:
         path = f"{block}.{name}"
         sites[path] = AttentionSite(path, kind, flat, 2 * proc[block] + j, region)
   return sites
+
+
+def site_channels(config: UNetConfig, path: str) -> int:
+  """Channel width (= heads x dim_head) of the attention layer at `path`."""
+  region, _, rest = path.partition(".")
+  if region == "mid_block":
+    return config.block_out_channels[-1]
+  b = int(rest.split(".")[0])
+  return config.block_out_channels[b] if region == "down_blocks" else tuple(reversed(config.block_out_channels))[b]
 
 
 class TransformerBlock(nn.Module):

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kadiff_jax import image_io, schedulers, sharding
-from kadiff_jax.models import unet, vae
+from kadiff_jax.models import ip_adapter, unet, vae
 from kadiff_jax.pipelines import conditioning
 from kadiff_jax.weights.sdxl import SDXLModels
 
@@ -57,13 +57,14 @@ def initial_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]
   return jnp.stack([jax.random.normal(jax.random.fold_in(key, int(i)), shape, jnp.float32) for i in indices])
 
 
-@functools.partial(jax.jit, static_argnames=("unet_config", "scheduler", "do_cfg", "dtype"))
-def denoise(unet_params, noise, cond: unet.UNetCond, sched_state, guidance, *, unet_config, scheduler,
-            do_cfg: bool, dtype=jnp.float32):
+@functools.partial(jax.jit, static_argnames=("unet_config", "scheduler", "do_cfg", "dtype", "hooks"))
+def denoise(unet_params, noise, cond: unet.UNetCond, sched_state, guidance, hook_args=None, *, unet_config,
+            scheduler, do_cfg: bool, dtype=jnp.float32, hooks=()):
   """Runs every scheduler step on `noise` [B, h, w, C].
 
   With CFG, `cond` has 2B rows interleaved per image, [neg_0, pos_0, neg_1, pos_1, ...],
-  so a batch shard always holds both halves of its own images.
+  so a batch shard always holds both halves of its own images. `hooks` (static)
+  and `hook_args` (per-row where batched) reach every UNet call.
   """
 
   def body(x, i):
@@ -71,7 +72,7 @@ def denoise(unet_params, noise, cond: unet.UNetCond, sched_state, guidance, *, u
     xin = scheduler.scale_model_input(sched_state, i, x)
     if do_cfg:
       xin = jnp.repeat(xin, 2, axis=0)  # [2B, h, w, C]
-    eps, _ = unet.apply(unet_params, xin, t, cond, config=unet_config, dtype=dtype)
+    eps, _ = unet.apply(unet_params, xin, t, cond, config=unet_config, dtype=dtype, hooks=hooks, hook_args=hook_args)
     eps = eps.astype(jnp.float32)
     if do_cfg:
       eps = eps.reshape((-1, 2) + eps.shape[1:])  # [B, 2, h, w, C]
@@ -93,9 +94,33 @@ class Batch:
   prompts: list[str]
   negative_prompts: list[str | None]
   noise: np.ndarray  # [B, h, w, C]
+  references: list | None = None      # per image: RGB PIL image or None (IP-Adapter)
+  ip_scales: list[float] | None = None
 
 
-def run_batch(models: SDXLModels, batch: Batch, options: GenerationOptions, mesh=None) -> tuple[np.ndarray, np.ndarray]:
+def _ip_rows(adapter: ip_adapter.IPAdapter, batch: Batch, do_cfg: bool):
+  """IP-Adapter tokens and scales per UNet row ([uncond_i, cond_i] per image with CFG)."""
+  n = len(batch.prompts)
+  refs = batch.references or [None] * n
+  have = [i for i, r in enumerate(refs) if r is not None]
+  size = adapter.encoder_config.image_size
+  pixels = np.zeros((n, size, size, 3), np.float32)
+  if have:
+    pixels[have] = ip_adapter.preprocess_references([refs[i] for i in have], adapter)
+  cond, uncond = ip_adapter.image_tokens(adapter, jnp.asarray(pixels))
+  present = jnp.asarray([r is not None for r in refs])
+  cond = jnp.where(present[:, None, None], cond, 0.0)  # no reference: zero tokens, and scale 0 below
+  uncond = jnp.where(present[:, None, None], uncond, 0.0)
+  scales = jnp.asarray([(s if r is not None else 0.0) for r, s in zip(refs, batch.ip_scales or [0.0] * n)],
+                       jnp.float32)
+  if not do_cfg:
+    return cond, scales
+  tokens = jnp.stack([uncond, cond], axis=1).reshape((2 * n,) + cond.shape[1:])
+  return tokens, jnp.repeat(scales, 2)
+
+
+def run_batch(models: SDXLModels, batch: Batch, options: GenerationOptions, mesh=None,
+              adapter: ip_adapter.IPAdapter | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Generates one batch; returns (final latents [B, h, w, C], images [B, H, W, 3] in [-1, 1])."""
   h, w = options.size(models)
   f = models.vae_scale_factor
@@ -120,9 +145,18 @@ def run_batch(models: SDXLModels, batch: Batch, options: GenerationOptions, mesh
   padded = sharding.padded_size(n, mesh)
   noise = sharding.shard_batch(_pad_rows(jnp.asarray(batch.noise, jnp.float32), n, padded, 1), mesh)
   cond = unet.UNetCond(*[sharding.shard_batch(_pad_rows(r, n, padded, 2 if do_cfg else 1), mesh) for r in rows])
+  hooks, hook_args = (), None
+  if adapter is not None:
+    tokens, scales = _ip_rows(adapter, batch, do_cfg)
+    per_image = 2 if do_cfg else 1
+    hooks = (ip_adapter.IPAdapterAttention(upcast=models.unet_config.upcast_attention),)
+    hook_args = {"ip_adapter": ip_adapter.IPAdapterArgs(
+        sharding.replicate(adapter.layers, mesh),
+        sharding.shard_batch(_pad_rows(tokens, n, padded, per_image), mesh),
+        sharding.shard_batch(_pad_rows(scales, n, padded, per_image), mesh))}
   params = sharding.replicate(models.unet_params, mesh)
-  latents = denoise(params, noise, cond, state, jnp.float32(options.guidance), unet_config=models.unet_config,
-                    scheduler=sched, do_cfg=do_cfg, dtype=dtype)
+  latents = denoise(params, noise, cond, state, jnp.float32(options.guidance), hook_args,
+                    unet_config=models.unet_config, scheduler=sched, do_cfg=do_cfg, dtype=dtype, hooks=hooks)
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
   images = decode(sharding.replicate(models.vae_params, mesh), latents, config=models.vae_config, dtype=vae_dtype)
   return np.asarray(latents)[:n], np.asarray(images)[:n]
@@ -144,6 +178,8 @@ class ImageJob:
   negative_prompt: str | None
   seed: int
   index: int
+  reference: str | None = None  # reference image path for the IP-Adapter
+  ip_scale: float | None = None  # None: the adapter's default (0.5 Plus, 0.6 base)
 
   def filename(self) -> str:
     return f"seed{self.seed}_{self.index:04d}.png"
@@ -151,11 +187,16 @@ class ImageJob:
 
 def generate(models: SDXLModels, jobs: Sequence[ImageJob], options: GenerationOptions, out_dir=None, *,
              init_latents: np.ndarray | None = None, batch_size: int | None = None, mesh=None,
-             progress: bool = True, extra_metadata: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+             progress: bool = True, extra_metadata: dict[str, Any] | None = None,
+             adapter: ip_adapter.IPAdapter | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Generates every job (batched, data-parallel), writing PNGs to `out_dir` if given.
 
-  `init_latents` [N, h, w, C] replaces the seeded noise (NHWC). Returns (latents, uint8 images).
+  `init_latents` [N, h, w, C] replaces the seeded noise (NHWC). With `adapter`,
+  jobs with a `reference` are conditioned on it through the IP-Adapter.
+  Returns (latents, uint8 images).
   """
+  if adapter is None and any(j.reference for j in jobs):
+    raise ValueError("jobs name reference images but no IP-Adapter is loaded (--ip-adapter and --image-encoder)")
   h, w = options.size(models)
   f = models.vae_scale_factor
   shape = (h // f, w // f, models.unet_config.in_channels)
@@ -170,13 +211,20 @@ def generate(models: SDXLModels, jobs: Sequence[ImageJob], options: GenerationOp
     chunk = list(jobs[start:start + bs])
     noise = (init_latents[start:start + bs] if init_latents is not None
              else np.concatenate([np.asarray(initial_noise(j.seed, [j.index], shape)) for j in chunk]))
-    latents, images = run_batch(models, Batch([j.prompt for j in chunk], [j.negative_prompt for j in chunk],
-                                              np.asarray(noise)), options, mesh)
+    refs = scales = None
+    if adapter is not None:
+      refs = [image_io.load_rgb(j.reference) if j.reference else None for j in chunk]
+      scales = [adapter.default_scale if j.ip_scale is None else j.ip_scale for j in chunk]
+    batch = Batch([j.prompt for j in chunk], [j.negative_prompt for j in chunk], np.asarray(noise), refs, scales)
+    latents, images = run_batch(models, batch, options, mesh, adapter)
     images = image_io.to_uint8(images)
     if out_dir is not None:
       for j, img in zip(chunk, images):
         meta = {"prompt": j.prompt, "negative_prompt": j.negative_prompt or "", "seed": str(j.seed),
-                "index": str(j.index), "kadiff": {"model": str(models.source), **dataclasses.asdict(options),
+                "index": str(j.index), **({"reference": j.reference, "ip_adapter": adapter.source,
+                                            "ip_scale": str(adapter.default_scale if j.ip_scale is None
+                                                            else j.ip_scale)} if adapter and j.reference else {}),
+                "kadiff": {"model": str(models.source), **dataclasses.asdict(options),
                                                   "height": h, "width": w, **(extra_metadata or {})}}
         image_io.write_png(f"{out_dir}/{j.filename()}", img, meta)
     all_latents.append(latents)

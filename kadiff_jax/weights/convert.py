@@ -124,14 +124,18 @@ def torch_to_params(state: Mapping[str, np.ndarray], expected: Mapping[str, Any]
       unexpected.append(f"{key} (duplicate of another key for {'.'.join(target)})")
       continue
     out[target] = value if dtype is None else value.astype(dtype)
-  missing = [path_to_torch_module(p[:-1]) + "." + _torch_leaf(p[-1]) for p in want if p not in seen]
+  missing = [_torch_key(p) for p in want if p not in seen]
   if missing or unexpected or mis_shaped:
     raise WeightsError(_report(component, missing, unexpected, mis_shaped))
   return _unflatten(out)
 
 
 def _torch_leaf(leaf: str) -> str:
-  return "bias" if leaf == "bias" else "weight"
+  return "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+
+
+def _torch_key(path: tuple[str, ...]) -> str:
+  return ".".join(p for p in (path_to_torch_module(path[:-1]), _torch_leaf(path[-1])) if p)
 
 
 def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -161,11 +165,11 @@ def params_to_torch(params: Mapping[str, Any], *, prefix: str = "") -> dict[str,
     leaf = path[-1]
     if leaf == "kernel":
       a = a.T if a.ndim == 2 else a.transpose(3, 2, 0, 1) if a.ndim == 4 else a
-    out[prefix + path_to_torch_module(path[:-1]) + "." + _torch_leaf(leaf)] = np.ascontiguousarray(a)
+    out[prefix + _torch_key(path)] = np.ascontiguousarray(a)
   return out
 
 
 def expected_torch_shapes(expected: Mapping[str, Any], *, prefix: str = "") -> dict[str, tuple[int, ...]]:
   """Torch names and shapes that a checkpoint for `expected` must hold."""
-  return {prefix + path_to_torch_module(p[:-1]) + "." + _torch_leaf(p[-1]): _torch_shape(p[-1], tuple(v.shape))
+  return {prefix + _torch_key(p): _torch_shape(p[-1], tuple(v.shape))
           for p, v in _flatten(expected).items()}
