@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from kadiff_jax.models import layers
-from kadiff_jax.models.config_util import ConfigError, read_fields
+from kadiff_jax.models.config_util import TRANSFORMERS_GENERIC_FIELDS, ConfigError, read_fields
 
 _ACTS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
          "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
@@ -44,11 +44,7 @@ class CLIPTextConfig:
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim", "eos_token_id",
         "bos_token_id", "pad_token_id"},
-        fixed={}, ignored={"attention_dropout", "dropout", "initializer_factor", "initializer_range",
-                           "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
-                           "output_attentions", "output_hidden_states", "return_dict", "id2label",
-                           "label2id", "is_encoder_decoder", "tie_word_embeddings", "chunk_size_feed_forward",
-                           "problem_type", "add_cross_attention", "tie_encoder_decoder", "use_cache"})
+        fixed={}, ignored=TRANSFORMERS_GENERIC_FIELDS)
     if f.get("hidden_act", "quick_gelu") not in _ACTS:
       raise ConfigError(f"text encoder config field 'hidden_act' = {f['hidden_act']!r} is not supported "
                         f"(expected one of {sorted(_ACTS)})")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from kadiff_jax.models import layers
 from kadiff_jax.models.clip_text import Encoder
-from kadiff_jax.models.config_util import ConfigError, read_fields
+from kadiff_jax.models.config_util import TRANSFORMERS_GENERIC_FIELDS, ConfigError, read_fields
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -41,11 +41,7 @@ class CLIPVisionConfig:
   def from_transformers(cls, cfg: dict[str, Any]) -> "CLIPVisionConfig":
     cfg = cfg.get("vision_config", cfg)
     f = read_fields("image encoder", cfg, supported={f.name for f in dataclasses.fields(cls)}, fixed={},
-                    ignored={"attention_dropout", "dropout", "initializer_factor", "initializer_range",
-                             "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
-                             "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
-                             "is_encoder_decoder", "tie_word_embeddings", "chunk_size_feed_forward",
-                             "problem_type", "add_cross_attention", "tie_encoder_decoder", "use_cache"})
+                    ignored=TRANSFORMERS_GENERIC_FIELDS)
     from kadiff_jax.models.clip_text import _ACTS
     if f.get("hidden_act", "gelu") not in _ACTS:
       raise ConfigError(f"image encoder config field 'hidden_act' = {f['hidden_act']!r} is not supported")

@@ -5,6 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 
+# Fields every transformers config carries that do not change a model's forward pass.
+TRANSFORMERS_GENERIC_FIELDS = frozenset({
+    "attention_dropout", "dropout", "initializer_factor", "initializer_range", "architectures", "model_type",
+    "torch_dtype", "dtype", "transformers_version", "output_attentions", "output_hidden_states", "return_dict",
+    "id2label", "label2id", "is_encoder_decoder", "tie_word_embeddings", "chunk_size_feed_forward", "problem_type",
+    "add_cross_attention", "tie_encoder_decoder", "use_cache"})
+
+
 class ConfigError(ValueError):
   """A model config holds a field or value that kadiff-jax does not implement."""
 
