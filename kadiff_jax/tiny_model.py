@@ -147,6 +147,6 @@ def tiny_model_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
   """The tiny model in the cache, built on first use."""
   from kadiff_jax import __version__
   folder = (cache_dir or default_cache_dir()) / f"tiny-sdxl-{__version__}-seed{seed}"
-  if not (folder / "model_index.json").is_file():
+  if not (folder / "model_index.json").is_file() or not (folder / TINY_IP_ADAPTER).is_file():
     make_tiny_model(folder, seed)
   return folder
