@@ -66,6 +66,9 @@ def _benchmark(args) -> None:
   if args.what == "unet":
     from kadiff_jax.benchmarks import unet
     unet.main(args)
+  elif args.what == "correspondence":
+    from kadiff_jax.benchmarks import correspondence
+    correspondence.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
   bu.add_argument("--size", type=int, default=None, help="latent size (default: the config's sample_size)")
   bu.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
   bu.add_argument("--torch-dtype", default=None, choices=["fp32", "bf16", "fp16"])
+  bc = bsub.add_parser("correspondence", help="spec 6.3 correspondence, ours vs the reference's per-source loop")
+  bc.add_argument("--iters", type=int, default=5)
   b.set_defaults(func=_benchmark)
   return p
 
