@@ -80,3 +80,13 @@ class DDIM:
         raise ValueError("DDIM with eta > 0 needs a PRNG key")
       prev = prev + std * jax.random.normal(key, x.shape, jnp.float32)
     return prev.astype(x.dtype)
+
+  def invert_step(self, state: DDIMState, i, z, eps):
+    """One DDIM inversion step (spec 4): from the level of alpha_prev[i] up to alpha_t[i].
+
+    x0 = (z - sqrt(1 - a_prev) eps) / sqrt(a_prev);  z' = sqrt(a_t) x0 + sqrt(1 - a_t) eps.
+    Inversion visits the schedule backwards: i = S-1 (t = 0) first.
+    """
+    a_t, a_prev = state.alpha_t[i], state.alpha_prev[i]
+    x0 = (z - jnp.sqrt(1 - a_prev) * eps) / jnp.sqrt(a_prev)
+    return jnp.sqrt(a_t) * x0 + jnp.sqrt(1 - a_t) * eps
