@@ -14,9 +14,101 @@ class UsageError(ValueError):
   """Bad command-line input."""
 
 
+def _kadiff_options(args):
+  from kadiff_jax.kadiff.options import KADiffOptions
+  steps = None
+  if args.inject_steps:
+    lo, _, hi = args.inject_steps.partition("-")
+    try:
+      steps = (int(lo), int(hi or lo))
+    except ValueError:
+      raise UsageError(f"--inject-steps {args.inject_steps!r}: expected START-END, e.g. 19-49") from None
+  kw = dict(steps=args.steps, guidance=args.guidance, ip_scale=args.ip_scale, inject_layers=args.inject_layers,
+            inject_steps=steps, threshold=args.threshold, use_init_latents=args.use_init_latents,
+            mode=getattr(args, "mode", None) or "kadiff", size=args.height)
+  if args.negative_prompt is not None:
+    kw["negative_prompt"] = args.negative_prompt
+  if args.height is not None and args.width not in (None, args.height):
+    raise UsageError(f"KA-Diff generates square images: --height {args.height} and --width {args.width} differ")
+  return KADiffOptions(**kw)
+
+
+def _adapter_for(args, models, cache_dir):
+  from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
+  from kadiff_jax.weights.ip_adapter import load_ip_adapter
+  ip, enc = args.ip_adapter, args.image_encoder
+  if ip is None and (models.source / TINY_IP_ADAPTER).is_file():  # the tiny model carries its own adapter
+    ip, enc = models.source / TINY_IP_ADAPTER, models.source / TINY_IMAGE_ENCODER
+  if ip is None or enc is None:
+    raise UsageError("KA-Diff needs an IP-Adapter: pass --ip-adapter FILE and --image-encoder DIR")
+  return load_ip_adapter(ip, enc, models.unet_config, cache_dir=cache_dir)
+
+
+def _kadiff(args) -> None:
+  from kadiff_jax.kadiff import jobs as kjobs
+  from kadiff_jax.pipelines import text_to_image as t2i
+  from kadiff_jax.weights.sdxl import load_sdxl
+
+  options = _kadiff_options(args)
+  if args.jobs:
+    if args.reference or args.prompt:
+      raise UsageError("--jobs replaces --prompt/--reference/--mask/--ref-prompt; give one or the other")
+    jobs = kjobs.read_jobs(args.jobs)
+  else:
+    if not args.reference:
+      raise UsageError(f"--mode {args.mode} needs --reference IMG (and --ref-prompt, --mask) or --jobs FILE")
+    jobs = [kjobs.Job(f"seed{args.seed}_{i:04d}", args.prompt or "best quality, high quality", args.reference,
+                      args.ref_prompt or "", args.mask, args.seed, i) for i in range(args.num_images)]
+  from kadiff_jax import image_io
+  for j in jobs:  # bad images fail before any model loads
+    image_io.load_rgb(j.reference)
+    if j.mask:
+      image_io.load_rgb(j.mask)
+  init = _read_init_latents(args, len(jobs))
+  cache_dir = Path(args.cache_dir) if args.cache_dir else None
+  models = load_sdxl(args.model, dtype=t2i.compute_dtype(args.dtype), variant=args.variant, cache_dir=cache_dir)
+  adapter = _adapter_for(args, models, cache_dir)
+  done = kjobs.run(models, adapter, jobs, options, args.out,
+                   cache_dir=(cache_dir or _default_cache()) / "references", baseline=not args.no_baseline,
+                   batch_size=args.batch_size, init_latents=init)
+  print(f"wrote {len(done)} job(s) to {args.out} ({len(jobs) - len(done)} already done)")
+
+
+def _default_cache():
+  from kadiff_jax.weights.load import default_cache_dir
+  return default_cache_dir()
+
+
+def _read_init_latents(args, n):
+  if not args.init_latents:
+    return None
+  init = np.load(args.init_latents)
+  if init.ndim != 4 or init.shape[0] != n:
+    raise UsageError(f"--init-latents {args.init_latents}: shape {init.shape}, expected "
+                     f"[num_images={n}, C, H/8, W/8] (NCHW, float32)")
+  return init.astype(np.float32).transpose(0, 2, 3, 1)
+
+
+def _invert(args) -> None:
+  from kadiff_jax.kadiff.options import KADiffOptions
+  from kadiff_jax.kadiff.reference import invert_reference
+  from kadiff_jax.weights.sdxl import load_sdxl
+  cache_dir = Path(args.cache_dir) if args.cache_dir else None
+  models = load_sdxl(args.model, cache_dir=cache_dir)
+  adapter = _adapter_for(args, models, cache_dir)
+  options = KADiffOptions(steps=args.steps, size=args.size, ip_scale=args.ip_scale)
+  path = invert_reference(models, adapter, args.reference, args.ref_prompt, options).save(args.out)
+  print(path)
+
+
 def _generate(args) -> None:
   from kadiff_jax.pipelines import text_to_image as t2i
   from kadiff_jax.weights.sdxl import load_sdxl
+
+  if args.mode:
+    return _kadiff(args)
+  if args.prompt is None:
+    raise UsageError("--prompt is required")
 
   if args.num_images < 1:
     raise UsageError(f"--num-images {args.num_images}: expected at least 1")
@@ -31,13 +123,7 @@ def _generate(args) -> None:
     v = getattr(args, name)
     if v is not None and (v <= 0 or v % 8):
       raise UsageError(f"--{name} {v}: expected a positive multiple of 8")
-  init = None
-  if args.init_latents:
-    init = np.load(args.init_latents)
-    if init.ndim != 4 or init.shape[0] != args.num_images:
-      raise UsageError(f"--init-latents {args.init_latents}: shape {init.shape}, expected "
-                       f"[num_images={args.num_images}, C, H/8, W/8] (NCHW, float32)")
-    init = init.astype(np.float32).transpose(0, 2, 3, 1)
+  init = _read_init_latents(args, args.num_images)
   if bool(args.ip_adapter) != bool(args.image_encoder) or bool(args.ip_adapter) != bool(args.reference):
     raise UsageError("--ip-adapter, --image-encoder and --reference go together (got "
                      f"ip_adapter={args.ip_adapter!r}, image_encoder={args.image_encoder!r}, "
@@ -78,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   g = sub.add_parser("generate", help="SDXL text-to-image")
   g.add_argument("--model", default="tiny", help="diffusers SDXL folder, Hub id, or 'tiny' (built on first use)")
-  g.add_argument("--prompt", required=True)
+  g.add_argument("--prompt", default=None)
   g.add_argument("--negative-prompt", default=None)
   g.add_argument("--out", required=True, help="output folder for PNGs")
   g.add_argument("--steps", type=int, default=50)
@@ -97,7 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--image-encoder", default=None, help="its CLIP image encoder folder (CLIPVisionModelWithProjection)")
   g.add_argument("--reference", default=None, help="reference image for the IP-Adapter")
   g.add_argument("--ip-scale", type=float, default=None, help="IP-Adapter scale (default 0.5 Plus, 0.6 base)")
+  k = g.add_argument_group("KA-Diff (with --mode)")
+  k.add_argument("--mode", choices=["kadiff", "baseline", "masactrl"], default=None,
+                 help="KA-Diff injection, plain IP-Adapter from the same noise, or MasaCtrl-style mutual attention")
+  k.add_argument("--mask", default=None, help="concept mask of the reference (white = concept)")
+  k.add_argument("--ref-prompt", default=None, help="text describing the reference")
+  k.add_argument("--use-init-latents", action="store_true", help="start from the inverted reference inside the mask")
+  k.add_argument("--inject-layers", default="44-70", help="self-attention layers: numbers and/or globs")
+  k.add_argument("--inject-steps", default=None, help="START-END (0-based, inclusive); default 19-49 of 50, scaled")
+  k.add_argument("--threshold", type=float, default=0.7, help="cosine-distance threshold for injection")
+  k.add_argument("--jobs", default=None, help="JSONL or TSV of jobs: id, prompt, reference, mask, ref_prompt, seed")
+  k.add_argument("--no-baseline", action="store_true", help="skip the IP-Adapter baseline image")
   g.set_defaults(func=_generate)
+
+  inv = sub.add_parser("invert", help="DDIM-invert a reference into a reusable cache (npz + JSON)")
+  inv.add_argument("--model", default="tiny")
+  inv.add_argument("--reference", required=True)
+  inv.add_argument("--ref-prompt", required=True)
+  inv.add_argument("--out", required=True, help="cache path (writes OUT.npz and OUT.json)")
+  inv.add_argument("--steps", type=int, default=50)
+  inv.add_argument("--size", type=int, default=None)
+  inv.add_argument("--ip-adapter", default=None)
+  inv.add_argument("--image-encoder", default=None)
+  inv.add_argument("--ip-scale", type=float, default=None)
+  inv.add_argument("--cache-dir", default=None)
+  inv.set_defaults(func=_invert)
 
   t = sub.add_parser("make-tiny-model", help="write a tiny random SDXL pipeline in diffusers format")
   t.add_argument("dir")
