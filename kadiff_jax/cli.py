@@ -155,11 +155,17 @@ def _benchmark(args) -> None:
   elif args.what == "correspondence":
     from kadiff_jax.benchmarks import correspondence
     correspondence.main(args)
+  elif args.what == "pipeline":
+    from kadiff_jax.benchmarks import pipeline
+    pipeline.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="kadiff", description="KA-Diff in JAX: knowledge-augmented text-to-image.")
   p.add_argument("-v", "--verbose", action="store_true", help="log which weights path was taken, timings")
+  p.add_argument("--coordinator", default=None, help="multi-process run: coordinator HOST:PORT (jax.distributed)")
+  p.add_argument("--num-processes", type=int, default=None)
+  p.add_argument("--process-id", type=int, default=None)
   sub = p.add_subparsers(dest="command", required=True)
 
   g = sub.add_parser("generate", help="SDXL text-to-image")
@@ -225,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
   bu.add_argument("--torch-dtype", default=None, choices=["fp32", "bf16", "fp16"])
   bc = bsub.add_parser("correspondence", help="spec 6.3 correspondence, ours vs the reference's per-source loop")
   bc.add_argument("--iters", type=int, default=5)
+  bp = bsub.add_parser("pipeline", help="KA-Diff per-phase timings; diffusers' IP-Adapter pass as reference")
+  bp.add_argument("--model", default="tiny")
+  bp.add_argument("--steps", type=int, default=10)
+  bp.add_argument("--inject-layers", default=None, help="default: 44-70 for SDXL, up_blocks.* otherwise")
+  bp.add_argument("--ip-adapter", default=None, type=__import__("pathlib").Path)
+  bp.add_argument("--image-encoder", default=None, type=__import__("pathlib").Path)
+  bp.add_argument("--no-torch", action="store_true", help="skip the diffusers reference")
   b.set_defaults(func=_benchmark)
   return p
 
@@ -236,6 +249,9 @@ def main(argv=None) -> int:
   from kadiff_jax.weights.convert import WeightsError
   from kadiff_jax.weights.files import CheckpointNotFound
   try:
+    if args.coordinator or args.num_processes:
+      from kadiff_jax import sharding
+      sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     args.func(args)
   except (UsageError, ConfigError, WeightsError, CheckpointNotFound, FileNotFoundError, ValueError) as e:
     print(f"kadiff: error: {e}", file=sys.stderr)

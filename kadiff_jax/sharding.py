@@ -30,10 +30,38 @@ def padded_size(n: int, mesh: Mesh) -> int:
   return -(-n // d) * d
 
 
+def _host(tree):
+  # Across processes every host passes the same host value and keeps its own shards; a
+  # committed single-device array cannot be placed that way, so go through numpy.
+  return jax.tree_util.tree_map(np.asarray, tree) if jax.process_count() > 1 else tree
+
+
 def shard_batch(tree, mesh: Mesh):
   """Places every leaf's leading (batch) axis across the mesh."""
-  return jax.device_put(tree, batch_sharding(mesh))
+  return jax.device_put(_host(tree), batch_sharding(mesh))
 
 
 def replicate(tree, mesh: Mesh):
-  return jax.device_put(tree, replicated(mesh))
+  return jax.device_put(_host(tree), replicated(mesh))
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host) array as one numpy array on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_writer() -> bool:
+  """Whether this process writes outputs (process 0; every process computes)."""
+  return jax.process_index() == 0
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-process run. With no arguments JAX detects TPU pods / SLURM / MPI itself;
+  on CPU the collectives go through gloo (works over loopback)."""
+  # Must run before anything touches a backend; the option only affects CPU collectives.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes, process_id)

@@ -228,3 +228,38 @@ def test_kadiff_sharded_over_4_cpu_devices(tmp_path, tiny_dir, reference_image):
   r = np.load(tmp_path / "r.npz")
   assert r["z4"].shape == (3, 8, 8, 4)
   assert np.abs(r["z4"] - r["z1"]).max() / np.abs(r["z1"]).max() < 2e-5  # float rounding only
+
+
+TWO_PROCESS = """
+import sys
+from kadiff_jax import sharding
+sharding.initialize_distributed(f"127.0.0.1:{sys.argv[4]}", 2, int(sys.argv[5]))
+import jax
+assert jax.process_count() == 2 and jax.device_count() == 4
+""" + SHARDED.replace("import sys, numpy as np, jax\n", "import numpy as np\n").replace(
+    "z1, _ = G.run_jobs(m, a, jobs, [c] * 3, refs, masks, noise, o, mesh=sharding.data_mesh(jax.devices()[:1]))\n",
+    "").replace("np.savez(sys.argv[3], z4=z4, z1=z1)", "if jax.process_index() == 0: np.savez(sys.argv[3], z4=z4)")
+assert "z1" not in TWO_PROCESS
+
+
+def test_kadiff_two_processes_equal_one(tmp_path, tiny_dir, reference_image):
+  """jax.distributed over loopback (gloo): 2 processes x 2 CPU devices give the same images as one process."""
+  import os, socket, subprocess, sys
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  args = [str(tiny_dir), reference_image, str(tmp_path / "two.npz"), port]
+  procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS, *args, str(i)], env=env) for i in range(2)]
+  try:
+    codes = [p.wait(timeout=400) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert codes == [0, 0]
+  env1 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  subprocess.run([sys.executable, "-c", SHARDED, str(tiny_dir), reference_image, str(tmp_path / "one.npz")],
+                 env=env1, check=True, timeout=900)
+  two, one = np.load(tmp_path / "two.npz")["z4"], np.load(tmp_path / "one.npz")["z4"]
+  assert two.shape == (3, 8, 8, 4)
+  assert np.abs(two - one).max() / np.abs(one).max() < 2e-5

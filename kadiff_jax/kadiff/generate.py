@@ -166,6 +166,7 @@ def run_jobs(models: SDXLModels, adapter, jobs: Sequence[KADiffJob], caches: Seq
   if trajectory_out:
     z, per_step = z
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
-  images = jax.jit(lambda p, l: vae.decode(p, l, config=models.vae_config, dtype=vae_dtype))(models.vae_params, z)
-  out = (np.asarray(z)[:n], image_io.to_uint8(np.asarray(images)[:n]))
-  return out + (np.asarray(per_step)[:, :n],) if trajectory_out else out
+  images = jax.jit(lambda p, l: vae.decode(p, l, config=models.vae_config, dtype=vae_dtype))(
+      sharding.replicate(models.vae_params, mesh), z)
+  out = (sharding.to_host(z)[:n], image_io.to_uint8(sharding.to_host(images)[:n]))
+  return out + (sharding.to_host(per_step)[:, :n],) if trajectory_out else out

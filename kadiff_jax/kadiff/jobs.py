@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from kadiff_jax import image_io
+from kadiff_jax import image_io, sharding
 from kadiff_jax.kadiff import generate as G
 from kadiff_jax.kadiff import reference as R
 from kadiff_jax.kadiff.options import DEFAULT_PROMPT, KADiffOptions
@@ -87,7 +87,7 @@ def _cache_for(models, adapter, job: Job, options: KADiffOptions, cache_dir: Pat
       log.info("reference %s: cache %s", job.reference, path)
       return R.load_cache(path, expected)
   cache = R.invert_reference(models, adapter, image, job.ref_prompt, options)
-  if cache_dir is not None:
+  if cache_dir is not None and sharding.is_writer():
     cache.save(path)
   return cache
 
@@ -131,7 +131,7 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
     _, ours = G.run_jobs(models, adapter, kjobs, cs, refs, masks, noise, options, mesh=mesh)
     base = G.run_jobs(models, adapter, kjobs, cs, refs, masks, noise, options, mode="baseline", mesh=mesh)[1] \
         if baseline and options.mode != "baseline" else None
-    for k, (_, j) in enumerate(chunk):
+    for k, (_, j) in enumerate(chunk if sharding.is_writer() else ()):
       meta = {"prompt": j.prompt, "reference": j.reference, "ref_prompt": j.ref_prompt, "mask": j.mask or "",
               "seed": str(j.seed), "kadiff": {"model": str(models.source), "ip_adapter": adapter.source,
                                               **dataclasses.asdict(options)}}
@@ -141,7 +141,7 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
       image_io.write_png(out_dir / f"{j.id}_grid.png", _grid([ref_small] + ([base[k]] if base is not None else [])
                                                                + [ours[k]]), meta)
       image_io.write_png(out_dir / f"{j.id}.png", ours[k], {**meta, "mode": options.mode})  # last: marks done
-      done.append(j.id)
+    done.extend(j.id for _, j in chunk)
     bar.update(len(chunk))
     bar.set_postfix(img_per_s=f"{len(done) / (time.perf_counter() - t0):.2f}")
   bar.close()

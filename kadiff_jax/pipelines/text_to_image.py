@@ -159,7 +159,7 @@ def run_batch(models: SDXLModels, batch: Batch, options: GenerationOptions, mesh
                     unet_config=models.unet_config, scheduler=sched, do_cfg=do_cfg, dtype=dtype, hooks=hooks)
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
   images = decode(sharding.replicate(models.vae_params, mesh), latents, config=models.vae_config, dtype=vae_dtype)
-  return np.asarray(latents)[:n], np.asarray(images)[:n]
+  return sharding.to_host(latents)[:n], sharding.to_host(images)[:n]
 
 
 def _pad_rows(rows, n: int, padded: int, per_image: int):
@@ -218,7 +218,7 @@ def generate(models: SDXLModels, jobs: Sequence[ImageJob], options: GenerationOp
     batch = Batch([j.prompt for j in chunk], [j.negative_prompt for j in chunk], np.asarray(noise), refs, scales)
     latents, images = run_batch(models, batch, options, mesh, adapter)
     images = image_io.to_uint8(images)
-    if out_dir is not None:
+    if out_dir is not None and sharding.is_writer():
       for j, img in zip(chunk, images):
         meta = {"prompt": j.prompt, "negative_prompt": j.negative_prompt or "", "seed": str(j.seed),
                 "index": str(j.index), **({"reference": j.reference, "ip_adapter": adapter.source,

@@ -63,6 +63,10 @@ def _fingerprint(sources: list[Path], spec: ComponentSpec, dtype, expected) -> s
 def load_component(folder: Path, spec: ComponentSpec, expected: Any, *, dtype=jnp.float32,
                    variant: str | None = None, cache_dir: Path | None = None, use_cache: bool = True):
   """Params for `expected` (a ShapeDtypeStruct tree) from the checkpoint in `folder`."""
+  if use_cache and jax.process_count() > 1:
+    # orbax synchronises processes around saves and restores; independent per-process caching deadlocks
+    log.info("%s: multi-process run, converting without the params cache", spec.name)
+    use_cache = False
   sources = files.weight_files(folder, variant)
   key = _fingerprint(sources, spec, dtype, expected)
   cache = (cache_dir or default_cache_dir()) / "params" / f"{spec.name}-{key}"
