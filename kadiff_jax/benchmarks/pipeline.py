@@ -30,7 +30,7 @@ def run(model: str = "tiny", steps: int = 10, inject_layers: str | None = None, 
   from kadiff_jax.kadiff import generate as G
   from kadiff_jax.kadiff import reference as R
   from kadiff_jax.kadiff.options import KADiffOptions
-  from kadiff_jax.models import vae
+  from kadiff_jax.pipelines import text_to_image as t2i
   from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
   from kadiff_jax.weights.ip_adapter import load_ip_adapter
   from kadiff_jax.weights.sdxl import load_sdxl
@@ -58,9 +58,9 @@ def run(model: str = "tiny", steps: int = 10, inject_layers: str | None = None, 
   _, first_b = _timed(lambda: run_mode("baseline"))
   _, t_base = _timed(lambda: run_mode("baseline"))
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
-  dec = jax.jit(lambda p, l: vae.decode(p, l, config=models.vae_config, dtype=vae_dtype))
-  _timed(lambda: dec(models.vae_params, z))
-  _, t_dec = _timed(lambda: dec(models.vae_params, z))
+  dec = lambda: t2i.decode(models.vae_params, z, config=models.vae_config, dtype=vae_dtype)
+  _timed(dec)
+  _, t_dec = _timed(dec)
   out.update({"inversion_s": round(t_inv, 3), "kadiff_pass_s": round(t_kadiff - t_dec, 3),
               "baseline_pass_s": round(t_base - t_dec, 3), "decode_s": round(t_dec, 3),
               "first_call_s (compile+run)": {"inversion": round(first, 2), "kadiff": round(first_k, 2),

@@ -23,9 +23,10 @@ from kadiff_jax.kadiff import correspondence as corr_lib
 from kadiff_jax.kadiff.injection import COND_GEN, ROWS, InjectionArgs, KVInjection, MutualSelfAttention
 from kadiff_jax.kadiff.options import KADiffOptions, kadiff_scheduler
 from kadiff_jax.kadiff.reference import ReferenceCache, ip_reference
-from kadiff_jax.models import ip_adapter, unet, vae
+from kadiff_jax.models import ip_adapter, unet
 from kadiff_jax.models.attention import LayerSelector
 from kadiff_jax.pipelines import conditioning
+from kadiff_jax.pipelines import text_to_image as t2i
 from kadiff_jax.weights.sdxl import SDXLModels
 
 
@@ -166,7 +167,6 @@ def run_jobs(models: SDXLModels, adapter, jobs: Sequence[KADiffJob], caches: Seq
   if trajectory_out:
     z, per_step = z
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
-  images = jax.jit(lambda p, l: vae.decode(p, l, config=models.vae_config, dtype=vae_dtype))(
-      sharding.replicate(models.vae_params, mesh), z)
+  images = t2i.decode(sharding.replicate(models.vae_params, mesh), z, config=models.vae_config, dtype=vae_dtype)
   out = (sharding.to_host(z)[:n], image_io.to_uint8(sharding.to_host(images)[:n]))
   return out + (sharding.to_host(per_step)[:, :n],) if trajectory_out else out
