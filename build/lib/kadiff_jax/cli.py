@@ -1,0 +1,263 @@
+"""The `kadiff` command: generate, make-tiny-model, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+class UsageError(ValueError):
+  """Bad command-line input."""
+
+
+def _kadiff_options(args):
+  from kadiff_jax.kadiff.options import KADiffOptions
+  steps = None
+  if args.inject_steps:
+    lo, _, hi = args.inject_steps.partition("-")
+    try:
+      steps = (int(lo), int(hi or lo))
+    except ValueError:
+      raise UsageError(f"--inject-steps {args.inject_steps!r}: expected START-END, e.g. 19-49") from None
+  kw = dict(steps=args.steps, guidance=args.guidance, ip_scale=args.ip_scale, inject_layers=args.inject_layers,
+            inject_steps=steps, threshold=args.threshold, use_init_latents=args.use_init_latents,
+            mode=getattr(args, "mode", None) or "kadiff", size=args.height)
+  if args.negative_prompt is not None:
+    kw["negative_prompt"] = args.negative_prompt
+  if args.height is not None and args.width not in (None, args.height):
+    raise UsageError(f"KA-Diff generates square images: --height {args.height} and --width {args.width} differ")
+  return KADiffOptions(**kw)
+
+
+def _adapter_for(args, models, cache_dir):
+  from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
+  from kadiff_jax.weights.ip_adapter import load_ip_adapter
+  ip, enc = args.ip_adapter, args.image_encoder
+  if ip is None and (models.source / TINY_IP_ADAPTER).is_file():  # the tiny model carries its own adapter
+    ip, enc = models.source / TINY_IP_ADAPTER, models.source / TINY_IMAGE_ENCODER
+  if ip is None or enc is None:
+    raise UsageError("KA-Diff needs an IP-Adapter: pass --ip-adapter FILE and --image-encoder DIR")
+  return load_ip_adapter(ip, enc, models.unet_config, cache_dir=cache_dir)
+
+
+def _kadiff(args) -> None:
+  from kadiff_jax.kadiff import jobs as kjobs
+  from kadiff_jax.pipelines import text_to_image as t2i
+  from kadiff_jax.weights.sdxl import load_sdxl
+
+  options = _kadiff_options(args)
+  if args.jobs:
+    if args.reference or args.prompt:
+      raise UsageError("--jobs replaces --prompt/--reference/--mask/--ref-prompt; give one or the other")
+    jobs = kjobs.read_jobs(args.jobs)
+  else:
+    if not args.reference:
+      raise UsageError(f"--mode {args.mode} needs --reference IMG (and --ref-prompt, --mask) or --jobs FILE")
+    jobs = [kjobs.Job(f"seed{args.seed}_{i:04d}", args.prompt or "best quality, high quality", args.reference,
+                      args.ref_prompt or "", args.mask, args.seed, i) for i in range(args.num_images)]
+  from kadiff_jax import image_io
+  for j in jobs:  # bad images fail before any model loads
+    image_io.load_rgb(j.reference)
+    if j.mask:
+      image_io.load_rgb(j.mask)
+  init = _read_init_latents(args, len(jobs))
+  cache_dir = Path(args.cache_dir) if args.cache_dir else None
+  models = load_sdxl(args.model, dtype=t2i.compute_dtype(args.dtype), variant=args.variant, cache_dir=cache_dir)
+  adapter = _adapter_for(args, models, cache_dir)
+  done = kjobs.run(models, adapter, jobs, options, args.out,
+                   cache_dir=(cache_dir or _default_cache()) / "references", baseline=not args.no_baseline,
+                   batch_size=args.batch_size, init_latents=init)
+  print(f"wrote {len(done)} job(s) to {args.out} ({len(jobs) - len(done)} already done)")
+
+
+def _default_cache():
+  from kadiff_jax.weights.load import default_cache_dir
+  return default_cache_dir()
+
+
+def _read_init_latents(args, n):
+  if not args.init_latents:
+    return None
+  init = np.load(args.init_latents)
+  if init.ndim != 4 or init.shape[0] != n:
+    raise UsageError(f"--init-latents {args.init_latents}: shape {init.shape}, expected "
+                     f"[num_images={n}, C, H/8, W/8] (NCHW, float32)")
+  return init.astype(np.float32).transpose(0, 2, 3, 1)
+
+
+def _invert(args) -> None:
+  from kadiff_jax.kadiff.options import KADiffOptions
+  from kadiff_jax.kadiff.reference import invert_reference
+  from kadiff_jax.weights.sdxl import load_sdxl
+  cache_dir = Path(args.cache_dir) if args.cache_dir else None
+  models = load_sdxl(args.model, cache_dir=cache_dir)
+  adapter = _adapter_for(args, models, cache_dir)
+  options = KADiffOptions(steps=args.steps, size=args.size, ip_scale=args.ip_scale)
+  path = invert_reference(models, adapter, args.reference, args.ref_prompt, options).save(args.out)
+  print(path)
+
+
+def _generate(args) -> None:
+  from kadiff_jax.pipelines import text_to_image as t2i
+  from kadiff_jax.weights.sdxl import load_sdxl
+
+  if args.mode:
+    return _kadiff(args)
+  if args.prompt is None:
+    raise UsageError("--prompt is required")
+
+  if args.num_images < 1:
+    raise UsageError(f"--num-images {args.num_images}: expected at least 1")
+  from kadiff_jax import schedulers
+  if args.steps < 1:
+    raise UsageError(f"--steps {args.steps}: expected at least 1")
+  opts = t2i.GenerationOptions(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+                               height=args.height, width=args.width, dtype=args.dtype)
+  dtype = t2i.compute_dtype(args.dtype)  # fail on bad names before loading anything
+  schedulers.from_name(args.scheduler)
+  for name in ("height", "width"):
+    v = getattr(args, name)
+    if v is not None and (v <= 0 or v % 8):
+      raise UsageError(f"--{name} {v}: expected a positive multiple of 8")
+  init = _read_init_latents(args, args.num_images)
+  if bool(args.ip_adapter) != bool(args.image_encoder) or bool(args.ip_adapter) != bool(args.reference):
+    raise UsageError("--ip-adapter, --image-encoder and --reference go together (got "
+                     f"ip_adapter={args.ip_adapter!r}, image_encoder={args.image_encoder!r}, "
+                     f"reference={args.reference!r})")
+  if args.reference:
+    from kadiff_jax import image_io
+    image_io.load_rgb(args.reference)  # a bad reference fails before any model loads
+  cache_dir = Path(args.cache_dir) if args.cache_dir else None
+  models = load_sdxl(args.model, dtype=dtype, variant=args.variant, cache_dir=cache_dir)
+  adapter = None
+  if args.ip_adapter:
+    from kadiff_jax.weights.ip_adapter import load_ip_adapter
+    adapter = load_ip_adapter(args.ip_adapter, args.image_encoder, models.unet_config, cache_dir=cache_dir)
+  jobs = [t2i.ImageJob(args.prompt, args.negative_prompt, args.seed, i, args.reference, args.ip_scale)
+          for i in range(args.num_images)]
+  t2i.generate(models, jobs, opts, args.out, init_latents=init, batch_size=args.batch_size, adapter=adapter)
+  print(f"wrote {len(jobs)} image(s) to {args.out}")
+
+
+def _make_tiny(args) -> None:
+  from kadiff_jax.tiny_model import make_tiny_model
+  print(make_tiny_model(args.dir, args.seed))
+
+
+def _benchmark(args) -> None:
+  if args.what == "unet":
+    from kadiff_jax.benchmarks import unet
+    unet.main(args)
+  elif args.what == "correspondence":
+    from kadiff_jax.benchmarks import correspondence
+    correspondence.main(args)
+  elif args.what == "pipeline":
+    from kadiff_jax.benchmarks import pipeline
+    pipeline.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="kadiff", description="KA-Diff in JAX: knowledge-augmented text-to-image.")
+  p.add_argument("-v", "--verbose", action="store_true", help="log which weights path was taken, timings")
+  p.add_argument("--coordinator", default=None, help="multi-process run: coordinator HOST:PORT (jax.distributed)")
+  p.add_argument("--num-processes", type=int, default=None)
+  p.add_argument("--process-id", type=int, default=None)
+  sub = p.add_subparsers(dest="command", required=True)
+
+  g = sub.add_parser("generate", help="SDXL text-to-image")
+  g.add_argument("--model", default="tiny", help="diffusers SDXL folder, Hub id, or 'tiny' (built on first use)")
+  g.add_argument("--prompt", default=None)
+  g.add_argument("--negative-prompt", default=None)
+  g.add_argument("--out", required=True, help="output folder for PNGs")
+  g.add_argument("--steps", type=int, default=50)
+  g.add_argument("--guidance", type=float, default=5.0)
+  g.add_argument("--scheduler", default="euler", help="euler (SDXL default) or ddim")
+  g.add_argument("--height", type=int, default=None)
+  g.add_argument("--width", type=int, default=None)
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--num-images", type=int, default=1)
+  g.add_argument("--batch-size", type=int, default=None, help="images per device batch (default: all, up to 8)")
+  g.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 for the UNet and text encoders")
+  g.add_argument("--variant", default=None, help="weight file variant, e.g. fp16")
+  g.add_argument("--init-latents", default=None, help=".npy of [num_images, 4, H/8, W/8] float32 (NCHW)")
+  g.add_argument("--cache-dir", default=None, help="where converted params and the tiny model are cached")
+  g.add_argument("--ip-adapter", default=None, help="IP-Adapter file (.safetensors or .bin), Plus or base")
+  g.add_argument("--image-encoder", default=None, help="its CLIP image encoder folder (CLIPVisionModelWithProjection)")
+  g.add_argument("--reference", default=None, help="reference image for the IP-Adapter")
+  g.add_argument("--ip-scale", type=float, default=None, help="IP-Adapter scale (default 0.5 Plus, 0.6 base)")
+  k = g.add_argument_group("KA-Diff (with --mode)")
+  k.add_argument("--mode", choices=["kadiff", "baseline", "masactrl"], default=None,
+                 help="KA-Diff injection, plain IP-Adapter from the same noise, or MasaCtrl-style mutual attention")
+  k.add_argument("--mask", default=None, help="concept mask of the reference (white = concept)")
+  k.add_argument("--ref-prompt", default=None, help="text describing the reference")
+  k.add_argument("--use-init-latents", action="store_true", help="start from the inverted reference inside the mask")
+  k.add_argument("--inject-layers", default="44-70", help="self-attention layers: numbers and/or globs")
+  k.add_argument("--inject-steps", default=None, help="START-END (0-based, inclusive); default 19-49 of 50, scaled")
+  k.add_argument("--threshold", type=float, default=0.7, help="cosine-distance threshold for injection")
+  k.add_argument("--jobs", default=None, help="JSONL or TSV of jobs: id, prompt, reference, mask, ref_prompt, seed")
+  k.add_argument("--no-baseline", action="store_true", help="skip the IP-Adapter baseline image")
+  g.set_defaults(func=_generate)
+
+  inv = sub.add_parser("invert", help="DDIM-invert a reference into a reusable cache (npz + JSON)")
+  inv.add_argument("--model", default="tiny")
+  inv.add_argument("--reference", required=True)
+  inv.add_argument("--ref-prompt", required=True)
+  inv.add_argument("--out", required=True, help="cache path (writes OUT.npz and OUT.json)")
+  inv.add_argument("--steps", type=int, default=50)
+  inv.add_argument("--size", type=int, default=None)
+  inv.add_argument("--ip-adapter", default=None)
+  inv.add_argument("--image-encoder", default=None)
+  inv.add_argument("--ip-scale", type=float, default=None)
+  inv.add_argument("--cache-dir", default=None)
+  inv.set_defaults(func=_invert)
+
+  t = sub.add_parser("make-tiny-model", help="write a tiny random SDXL pipeline in diffusers format")
+  t.add_argument("dir")
+  t.add_argument("--seed", type=int, default=0)
+  t.set_defaults(func=_make_tiny)
+
+  b = sub.add_parser("benchmark", help="timings vs the PyTorch reference; JSON on the last line")
+  bsub = b.add_subparsers(dest="what", required=True)
+  bu = bsub.add_parser("unet", help="one UNet step, ours vs diffusers")
+  bu.add_argument("--config", default="tiny", choices=["tiny", "mid", "sdxl"])
+  bu.add_argument("--batch", type=int, default=2)
+  bu.add_argument("--iters", type=int, default=5)
+  bu.add_argument("--size", type=int, default=None, help="latent size (default: the config's sample_size)")
+  bu.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+  bu.add_argument("--torch-dtype", default=None, choices=["fp32", "bf16", "fp16"])
+  bc = bsub.add_parser("correspondence", help="spec 6.3 correspondence, ours vs the reference's per-source loop")
+  bc.add_argument("--iters", type=int, default=5)
+  bp = bsub.add_parser("pipeline", help="KA-Diff per-phase timings; diffusers' IP-Adapter pass as reference")
+  bp.add_argument("--model", default="tiny")
+  bp.add_argument("--steps", type=int, default=10)
+  bp.add_argument("--inject-layers", default=None, help="default: 44-70 for SDXL, up_blocks.* otherwise")
+  bp.add_argument("--ip-adapter", default=None, type=__import__("pathlib").Path)
+  bp.add_argument("--image-encoder", default=None, type=__import__("pathlib").Path)
+  bp.add_argument("--no-torch", action="store_true", help="skip the diffusers reference")
+  b.set_defaults(func=_benchmark)
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+  from kadiff_jax.models.config_util import ConfigError
+  from kadiff_jax.weights.convert import WeightsError
+  from kadiff_jax.weights.files import CheckpointNotFound
+  try:
+    if args.coordinator or args.num_processes:
+      from kadiff_jax import sharding
+      sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    args.func(args)
+  except (UsageError, ConfigError, WeightsError, CheckpointNotFound, FileNotFoundError, ValueError) as e:
+    print(f"kadiff: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

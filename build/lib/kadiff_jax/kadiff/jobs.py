@@ -1,0 +1,148 @@
+"""KA-Diff batch jobs: read a JSONL/TSV of jobs, invert each reference once, generate, write, resume.
+
+Each finished job leaves `{id}.png` (ours), `{id}_baseline.png` (plain
+IP-Adapter from the same noise, if asked) and `{id}_grid.png` (reference |
+baseline | ours), all written atomically; a rerun skips jobs whose outputs
+exist. Reference caches are keyed by reference content, ref_prompt and options.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from kadiff_jax import image_io, sharding
+from kadiff_jax.kadiff import generate as G
+from kadiff_jax.kadiff import reference as R
+from kadiff_jax.kadiff.options import DEFAULT_PROMPT, KADiffOptions
+from kadiff_jax.pipelines.text_to_image import initial_noise
+
+log = logging.getLogger("kadiff_jax")
+_FIELDS = ("id", "prompt", "reference", "mask", "ref_prompt", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  id: str
+  prompt: str
+  reference: str
+  ref_prompt: str
+  mask: str | None = None
+  seed: int = 0
+  index: int = 0  # noise is normal(fold_in(PRNGKey(seed), index))
+
+
+def read_jobs(path: str | Path) -> list[Job]:
+  """Jobs from JSONL (one object per line) or TSV (header row), fields: id, prompt, reference, mask,
+  ref_prompt, seed. Relative image paths are taken from the job file's folder."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"jobs file {path} does not exist")
+  rows = []
+  if path.suffix == ".tsv":
+    with open(path, newline="") as f:
+      rows = list(csv.DictReader(f, delimiter="\t"))
+  else:
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+      if line.strip():
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
+  jobs, seen = [], set()
+  for n, row in enumerate(rows, 1):
+    unknown = set(row) - set(_FIELDS)
+    if unknown:
+      raise ValueError(f"{path}: job {n} has unknown fields {sorted(unknown)} (expected {list(_FIELDS)})")
+    if not row.get("reference"):
+      raise ValueError(f"{path}: job {n} has no 'reference' image")
+    resolve = lambda p: str(p if Path(p).is_absolute() else path.parent / p) if p else None
+    job = Job(id=str(row.get("id") or f"job{n:05d}"), prompt=row.get("prompt") or DEFAULT_PROMPT,
+              reference=resolve(row["reference"]), ref_prompt=row.get("ref_prompt") or "",
+              mask=resolve(row.get("mask")), seed=int(row.get("seed") or 0))
+    if job.id in seen:
+      raise ValueError(f"{path}: duplicate job id {job.id!r}")
+    seen.add(job.id)
+    jobs.append(job)
+  return jobs
+
+
+def _cache_for(models, adapter, job: Job, options: KADiffOptions, cache_dir: Path | None) -> R.ReferenceCache:
+  image = image_io.load_rgb(job.reference)
+  sha = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
+  expected = R.cache_manifest(models, adapter, sha, job.ref_prompt, options)
+  if cache_dir is not None:
+    key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir / f"ref-{key}"
+    if path.with_suffix(".npz").is_file():
+      log.info("reference %s: cache %s", job.reference, path)
+      return R.load_cache(path, expected)
+  cache = R.invert_reference(models, adapter, image, job.ref_prompt, options)
+  if cache_dir is not None and sharding.is_writer():
+    cache.save(path)
+  return cache
+
+
+def _grid(images: Sequence[np.ndarray]) -> np.ndarray:
+  h = images[-1].shape[0]
+  tiles = [np.asarray(image_io.Image.fromarray(im).resize((h, h))) if im.shape[0] != h else im for im in images]
+  return np.concatenate(tiles, axis=1)
+
+
+def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: str | Path, *,
+        cache_dir: str | Path | None = None, baseline: bool = True, batch_size: int | None = None,
+        init_latents: np.ndarray | None = None, mesh=None, progress: bool = True) -> list[str]:
+  """Runs the jobs that have no output yet; returns the ids it generated."""
+  options = options.for_model(models)
+  out_dir = Path(out_dir)
+  cache_dir = Path(cache_dir) if cache_dir else None
+  todo = [(i, j) for i, j in enumerate(jobs) if not (out_dir / f"{j.id}.png").is_file()]
+  if len(todo) < len(jobs):
+    log.info("resuming: %d of %d jobs already done", len(jobs) - len(todo), len(jobs))
+  latent_shape = (options.size // models.vae_scale_factor,) * 2 + (models.unet_config.in_channels,)
+  caches: dict[tuple[str, str], R.ReferenceCache] = {}
+  # group by reference so each is inverted once and batches share it as often as possible
+  todo.sort(key=lambda ij: (ij[1].reference, ij[1].ref_prompt))
+  bs = batch_size or 1
+  done = []
+  bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="kadiff")
+  t0 = time.perf_counter()
+  for start in range(0, len(todo), bs):
+    chunk = todo[start:start + bs]
+    for _, j in chunk:
+      if (j.reference, j.ref_prompt) not in caches:
+        caches[(j.reference, j.ref_prompt)] = _cache_for(models, adapter, j, options, cache_dir)
+    cs = [caches[(j.reference, j.ref_prompt)] for _, j in chunk]
+    refs = [image_io.load_rgb(j.reference) for _, j in chunk]
+    masks = np.stack([R.load_mask(j.mask, options.size, options.mask_padding) if j.mask
+                      else np.ones((options.size, options.size), bool) for _, j in chunk])
+    noise = (init_latents[[i for i, _ in chunk]] if init_latents is not None
+             else np.stack([np.asarray(initial_noise(j.seed, [j.index], latent_shape))[0] for _, j in chunk]))
+    kjobs = [G.KADiffJob(j.prompt, j.reference, j.ref_prompt, j.mask, j.seed) for _, j in chunk]
+    _, ours = G.run_jobs(models, adapter, kjobs, cs, refs, masks, noise, options, mesh=mesh)
+    base = G.run_jobs(models, adapter, kjobs, cs, refs, masks, noise, options, mode="baseline", mesh=mesh)[1] \
+        if baseline and options.mode != "baseline" else None
+    for k, (_, j) in enumerate(chunk if sharding.is_writer() else ()):
+      meta = {"prompt": j.prompt, "reference": j.reference, "ref_prompt": j.ref_prompt, "mask": j.mask or "",
+              "seed": str(j.seed), "kadiff": {"model": str(models.source), "ip_adapter": adapter.source,
+                                              **dataclasses.asdict(options)}}
+      ref_small = np.asarray(refs[k].resize((options.size, options.size)))
+      if base is not None:
+        image_io.write_png(out_dir / f"{j.id}_baseline.png", base[k], {**meta, "mode": "baseline"})
+      image_io.write_png(out_dir / f"{j.id}_grid.png", _grid([ref_small] + ([base[k]] if base is not None else [])
+                                                               + [ours[k]]), meta)
+      image_io.write_png(out_dir / f"{j.id}.png", ours[k], {**meta, "mode": options.mode})  # last: marks done
+    done.extend(j.id for _, j in chunk)
+    bar.update(len(chunk))
+    bar.set_postfix(img_per_s=f"{len(done) / (time.perf_counter() - t0):.2f}")
+  bar.close()
+  return done

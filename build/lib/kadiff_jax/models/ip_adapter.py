@@ -1,0 +1,111 @@
+"""IP-Adapter (Ye et al. 2023): image tokens and decoupled cross-attention as a hook.
+
+Every cross-attention layer gets a second attention over image tokens with its
+own key/value projections (`to_k_ip`, `to_v_ip`), added with a scale (eq. 5):
+
+    out = Attn(q, K_text, V_text) + scale * Attn(q, K_ip, V_ip)
+
+`IPAdapterAttention` is an ordinary attention hook: it composes with any other
+hook (injection, interpolation) and never replaces them. Its traced inputs,
+`IPAdapterArgs`, carry the per-layer projections, the tokens of every UNet row
+and a per-row scale, so one batch can mix references and scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kadiff_jax.models import clip_vision, image_proj
+from kadiff_jax.models.attention import AttentionCall, AttentionSite, dot_product_attention
+
+
+class IPAdapterArgs(NamedTuple):
+  layers: dict[str, dict[str, jax.Array]]  # site path -> {"to_k_ip": [C_ctx, inner], "to_v_ip": [C_ctx, inner]}
+  tokens: jax.Array                        # [rows, num_tokens, C_ctx] image tokens of each UNet row
+  scale: jax.Array                         # [rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class IPAdapterAttention:
+  """The decoupled cross-attention hook (selects every attn2)."""
+
+  name: str = "ip_adapter"
+  upcast: bool = False
+
+  def selects(self, site: AttentionSite) -> bool:
+    return site.kind == "cross"
+
+  def __call__(self, call: AttentionCall, attend, args: IPAdapterArgs):
+    out = attend(call.q, call.k, call.v)
+    layer = args.layers[call.site.path]
+    tokens = args.tokens.astype(call.q.dtype)
+    b, n, _ = tokens.shape
+    heads, d = call.q.shape[2], call.q.shape[3]
+    k = (tokens @ layer["to_k_ip"].astype(tokens.dtype)).reshape(b, n, heads, d)  # [B, N, heads, d]
+    v = (tokens @ layer["to_v_ip"].astype(tokens.dtype)).reshape(b, n, heads, d)
+    ip = dot_product_attention(call.q, k, v, upcast=self.upcast)
+    return out + args.scale.astype(out.dtype)[:, None, None, None] * ip, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class IPAdapter:
+  """A loaded IP-Adapter: image encoder, projection and per-layer K/V weights."""
+
+  encoder_config: clip_vision.CLIPVisionConfig
+  encoder_params: Any
+  proj_config: image_proj.ResamplerConfig | image_proj.ImageProjConfig
+  proj_params: Any
+  layers: dict[str, dict[str, Any]]
+  source: str = ""
+
+  @property
+  def plus(self) -> bool:
+    """Plus reads the encoder's penultimate hidden states; base its projected embedding."""
+    return isinstance(self.proj_config, image_proj.ResamplerConfig)
+
+  @property
+  def default_scale(self) -> float:
+    return 0.5 if self.plus else 0.6  # KA-Diff's reference values
+
+  @property
+  def num_tokens(self) -> int:
+    return self.proj_config.num_queries if self.plus else self.proj_config.num_tokens
+
+
+def _features(adapter: IPAdapter, pixels):
+  out = clip_vision.encode(adapter.encoder_params, pixels, config=adapter.encoder_config)
+  return out.hidden_states[-2] if adapter.plus else out.image_embeds
+
+
+@jax.jit
+def image_tokens(adapter: IPAdapter, pixels) -> tuple[jax.Array, jax.Array]:
+  """(cond, uncond) image tokens [B, num_tokens, C] for preprocessed pixels [B, S, S, 3].
+
+  The unconditional tokens come from an all-zero pixel tensor (Plus) or an
+  all-zero image embedding (base), as the IP-Adapter release does.
+  """
+  feats = _features(adapter, pixels)
+  uncond = _features(adapter, jnp.zeros_like(pixels)) if adapter.plus else jnp.zeros_like(feats)
+  proj = lambda f: image_proj.project(adapter.proj_params, f, config=adapter.proj_config)
+  return proj(feats), proj(uncond)
+
+
+def _flatten(a: IPAdapter):
+  return (a.encoder_params, a.proj_params, a.layers), (a.encoder_config, a.proj_config, a.source)
+
+
+def _unflatten(aux, children):
+  return IPAdapter(aux[0], children[0], aux[1], children[1], children[2], aux[2])
+
+
+jax.tree_util.register_pytree_node(IPAdapter, _flatten, _unflatten)
+
+
+def preprocess_references(images, adapter: IPAdapter) -> np.ndarray:
+  """RGB PIL images -> CLIP pixels [B, S, S, 3] at the encoder's image size."""
+  return np.stack([clip_vision.preprocess(im, adapter.encoder_config.image_size) for im in images])

@@ -1,0 +1,53 @@
+"""SDXL conditioning: prompt embeddings from both text encoders, and time ids."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kadiff_jax.models import clip_text
+from kadiff_jax.weights.sdxl import SDXLModels
+
+
+class PromptEmbeds(NamedTuple):
+  embeds: jax.Array   # [B, 77, D1 + D2]: penultimate hidden states of both encoders
+  pooled: jax.Array   # [B, projection_dim]: text_encoder_2's projected EOS state
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
+  """CLIP token ids [B, model_max_length], padded and truncated like diffusers' SDXL pipeline."""
+  out = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                  return_tensors="np")
+  return np.asarray(out["input_ids"], np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "config_2"))
+def _encode(params, params_2, ids, ids_2, *, config, config_2) -> PromptEmbeds:
+  o1 = clip_text.encode(params, ids, config=config, dtype=jax.tree_util.tree_leaves(params)[0].dtype)
+  o2 = clip_text.encode(params_2, ids_2, config=config_2, dtype=jax.tree_util.tree_leaves(params_2)[0].dtype)
+  embeds = jnp.concatenate([o1.hidden_states[-2], o2.hidden_states[-2]], axis=-1)
+  return PromptEmbeds(embeds.astype(jnp.float32), o2.text_embeds.astype(jnp.float32))
+
+
+def encode_prompts(models: SDXLModels, prompts: Sequence[str]) -> PromptEmbeds:
+  """Both encoders on `prompts` (as diffusers' `encode_prompt`, clip_skip None)."""
+  return _encode(models.text_params, models.text_params_2, tokenize(models.tokenizer, prompts),
+                 tokenize(models.tokenizer_2, prompts), config=models.text_config, config_2=models.text_config_2)
+
+
+def encode_negative(models: SDXLModels, negative_prompts: Sequence[str | None], like: PromptEmbeds) -> PromptEmbeds:
+  """Negative embeddings: zeros where no negative prompt is given and the model asks for
+  `force_zeros_for_empty_prompt` (SDXL), else the encoded (possibly empty) prompt."""
+  if all(p is None for p in negative_prompts) and models.force_zeros_for_empty_prompt:
+    return PromptEmbeds(jnp.zeros_like(like.embeds), jnp.zeros_like(like.pooled))
+  return encode_prompts(models, [p or "" for p in negative_prompts])
+
+
+def time_ids(height: int, width: int, batch: int, crop=(0, 0), original=None) -> jax.Array:
+  """SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w), [B, 6]."""
+  oh, ow = original or (height, width)
+  return jnp.tile(jnp.array([[oh, ow, crop[0], crop[1], height, width]], jnp.float32), (batch, 1))

@@ -1,0 +1,17 @@
+"""Pure diffusion schedulers: `make(name, config_dict, num_steps)` -> (scheduler, state)."""
+
+from kadiff_jax.schedulers.common import SchedulerConfig
+from kadiff_jax.schedulers.ddim import DDIM
+from kadiff_jax.schedulers.euler import EulerDiscrete
+
+SCHEDULERS = {"ddim": DDIM, "euler": EulerDiscrete}
+
+
+def from_name(name: str, config: dict | None = None):
+  """The scheduler called `name` built from a diffusers scheduler config dict."""
+  if name not in SCHEDULERS:
+    raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
+  return SCHEDULERS[name].from_diffusers(config or {})
+
+
+__all__ = ["DDIM", "EulerDiscrete", "SCHEDULERS", "SchedulerConfig", "from_name"]

@@ -1,0 +1,67 @@
+"""The one place that knows about devices: a data-parallel mesh and batch placement.
+
+The batch axis is split over a ("data",) mesh of all devices (all hosts'
+devices under `jax.distributed`); params are replicated. Models never see it.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def data_mesh(devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def padded_size(n: int, mesh: Mesh) -> int:
+  """Smallest multiple of the mesh size that holds n rows."""
+  d = mesh.size
+  return -(-n // d) * d
+
+
+def _host(tree):
+  # Across processes every host passes the same host value and keeps its own shards; a
+  # committed single-device array cannot be placed that way, so go through numpy.
+  return jax.tree_util.tree_map(np.asarray, tree) if jax.process_count() > 1 else tree
+
+
+def shard_batch(tree, mesh: Mesh):
+  """Places every leaf's leading (batch) axis across the mesh."""
+  return jax.device_put(_host(tree), batch_sharding(mesh))
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(_host(tree), replicated(mesh))
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly multi-host) array as one numpy array on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_writer() -> bool:
+  """Whether this process writes outputs (process 0; every process computes)."""
+  return jax.process_index() == 0
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-process run. With no arguments JAX detects TPU pods / SLURM / MPI itself;
+  on CPU the collectives go through gloo (works over loopback)."""
+  # Must run before anything touches a backend; the option only affects CPU collectives.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes, process_id)

@@ -1,0 +1,1 @@
+"""Checkpoint files, the torch <-> pytree converter, and per-model loaders."""
