@@ -7,6 +7,7 @@ devices under `jax.distributed`); params are replicated. Models never see it.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -28,6 +29,13 @@ def padded_size(n: int, mesh: Mesh) -> int:
   """Smallest multiple of the mesh size that holds n rows."""
   d = mesh.size
   return -(-n // d) * d
+
+
+def pad_rows(rows, n: int, padded: int, per_item: int = 1):
+  """Pads a batch of n items (per_item consecutive rows each) to `padded` items by repeating the last."""
+  if padded == n:
+    return rows
+  return jnp.concatenate([rows] + [rows[-per_item:]] * (padded - n))
 
 
 def _host(tree):

@@ -149,8 +149,7 @@ def run_jobs(models: SDXLModels, adapter, jobs: Sequence[KADiffJob], caches: Seq
   selector = options.layer_selector()
   mesh = mesh or sharding.data_mesh()
   padded = sharding.padded_size(n, mesh)
-  pad = lambda a, k: a if padded == n else jnp.concatenate([a] + [a[-k:]] * (padded - n))
-  shard = lambda a, k=1: sharding.shard_batch(pad(jnp.asarray(a), k), mesh)
+  shard = lambda a, k=1: sharding.shard_batch(sharding.pad_rows(jnp.asarray(a), n, padded, k), mesh)
   init = initial_latents(noise, caches, masks, options.use_init_latents)
   z = kadiff_denoise(
       sharding.replicate(models.unet_params, mesh), shard(init), shard(np.stack([c.latents for c in caches])),

@@ -143,31 +143,23 @@ def run_batch(models: SDXLModels, batch: Batch, options: GenerationOptions, mesh
     rows = [pos.embeds, pos.pooled, ids]
   mesh = mesh or sharding.data_mesh()
   padded = sharding.padded_size(n, mesh)
-  noise = sharding.shard_batch(_pad_rows(jnp.asarray(batch.noise, jnp.float32), n, padded, 1), mesh)
-  cond = unet.UNetCond(*[sharding.shard_batch(_pad_rows(r, n, padded, 2 if do_cfg else 1), mesh) for r in rows])
+  noise = sharding.shard_batch(sharding.pad_rows(jnp.asarray(batch.noise, jnp.float32), n, padded, 1), mesh)
+  per_image = 2 if do_cfg else 1
+  cond = unet.UNetCond(*[sharding.shard_batch(sharding.pad_rows(r, n, padded, per_image), mesh) for r in rows])
   hooks, hook_args = (), None
   if adapter is not None:
     tokens, scales = _ip_rows(adapter, batch, do_cfg)
-    per_image = 2 if do_cfg else 1
     hooks = (ip_adapter.IPAdapterAttention(upcast=models.unet_config.upcast_attention),)
     hook_args = {"ip_adapter": ip_adapter.IPAdapterArgs(
         sharding.replicate(adapter.layers, mesh),
-        sharding.shard_batch(_pad_rows(tokens, n, padded, per_image), mesh),
-        sharding.shard_batch(_pad_rows(scales, n, padded, per_image), mesh))}
+        sharding.shard_batch(sharding.pad_rows(tokens, n, padded, per_image), mesh),
+        sharding.shard_batch(sharding.pad_rows(scales, n, padded, per_image), mesh))}
   params = sharding.replicate(models.unet_params, mesh)
   latents = denoise(params, noise, cond, state, jnp.float32(options.guidance), hook_args,
                     unet_config=models.unet_config, scheduler=sched, do_cfg=do_cfg, dtype=dtype, hooks=hooks)
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
   images = decode(sharding.replicate(models.vae_params, mesh), latents, config=models.vae_config, dtype=vae_dtype)
   return sharding.to_host(latents)[:n], sharding.to_host(images)[:n]
-
-
-def _pad_rows(rows, n: int, padded: int, per_image: int):
-  """Pads a batch of n images (per_image rows each) to `padded` images by repeating the last."""
-  if padded == n:
-    return rows
-  last = rows[-per_image:]
-  return jnp.concatenate([rows] + [last] * (padded - n))
 
 
 @dataclasses.dataclass(frozen=True)
