@@ -1,1 +1,0 @@
-"""Checkpoint files, the torch <-> pytree converter, and per-model loaders."""
