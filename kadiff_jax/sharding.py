@@ -38,19 +38,28 @@ def pad_rows(rows, n: int, padded: int, per_item: int = 1):
   return jnp.concatenate([rows] + [rows[-per_item:]] * (padded - n))
 
 
-def _host(tree):
-  # Across processes every host passes the same host value and keeps its own shards; a
-  # committed single-device array cannot be placed that way, so go through numpy.
-  return jax.tree_util.tree_map(np.asarray, tree) if jax.process_count() > 1 else tree
+def _place(tree, target: NamedSharding):
+  """device_put, skipping leaves already placed with `target` (so placing twice costs nothing)."""
+  multi = jax.process_count() > 1
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding == target:
+      return x
+    # Across processes every host passes the same host value and keeps its own shards; a
+    # committed single-device array cannot be placed that way, so go through numpy.
+    return jax.device_put(np.asarray(x) if multi else x, target)
+
+  return jax.tree_util.tree_map(put, tree)
 
 
 def shard_batch(tree, mesh: Mesh):
   """Places every leaf's leading (batch) axis across the mesh."""
-  return jax.device_put(_host(tree), batch_sharding(mesh))
+  return _place(tree, batch_sharding(mesh))
 
 
 def replicate(tree, mesh: Mesh):
-  return jax.device_put(_host(tree), replicated(mesh))
+  """Places every leaf whole on every device of the mesh (params); a no-op for leaves already there."""
+  return _place(tree, replicated(mesh))
 
 
 def to_host(x) -> np.ndarray:

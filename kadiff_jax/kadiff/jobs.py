@@ -24,7 +24,7 @@ from kadiff_jax import image_io, sharding
 from kadiff_jax.kadiff import generate as G
 from kadiff_jax.kadiff import reference as R
 from kadiff_jax.kadiff.options import DEFAULT_PROMPT, KADiffOptions
-from kadiff_jax.pipelines.text_to_image import initial_noise
+from kadiff_jax.pipelines.text_to_image import initial_noise, place_params
 
 log = logging.getLogger("kadiff_jax")
 _FIELDS = ("id", "prompt", "reference", "mask", "ref_prompt", "seed")
@@ -113,6 +113,8 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
   # group by reference so each is inverted once and batches share it as often as possible
   todo.sort(key=lambda ij: (ij[1].reference, ij[1].ref_prompt))
   bs = batch_size or 1
+  mesh = mesh or sharding.data_mesh()
+  placed, placed_adapter = place_params(models, adapter, mesh)  # inversion keeps the unplaced params
   done = []
   bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="kadiff")
   t0 = time.perf_counter()
@@ -128,8 +130,9 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
     noise = (init_latents[[i for i, _ in chunk]] if init_latents is not None
              else np.stack([np.asarray(initial_noise(j.seed, [j.index], latent_shape))[0] for _, j in chunk]))
     kjobs = [G.KADiffJob(j.prompt, j.reference, j.ref_prompt, j.mask, j.seed) for _, j in chunk]
-    _, ours = G.run_jobs(models, adapter, kjobs, cs, refs, masks, noise, options, mesh=mesh)
-    base = G.run_jobs(models, adapter, kjobs, cs, refs, masks, noise, options, mode="baseline", mesh=mesh)[1] \
+    _, ours = G.run_jobs(placed, placed_adapter, kjobs, cs, refs, masks, noise, options, mesh=mesh)
+    base = G.run_jobs(placed, placed_adapter, kjobs, cs, refs, masks, noise, options, mode="baseline",
+                      mesh=mesh)[1] \
         if baseline and options.mode != "baseline" else None
     for k, (_, j) in enumerate(chunk if sharding.is_writer() else ()):
       meta = {"prompt": j.prompt, "reference": j.reference, "ref_prompt": j.ref_prompt, "mask": j.mask or "",

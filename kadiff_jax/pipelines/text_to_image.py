@@ -89,6 +89,15 @@ def decode(vae_params, latents, *, config, dtype):
   return vae.decode(vae_params, latents, config=config, dtype=dtype)
 
 
+def place_params(models: SDXLModels, adapter, mesh):
+  """UNet and VAE params (and IP-Adapter layers) replicated over the mesh, done once per job list."""
+  models = dataclasses.replace(models, unet_params=sharding.replicate(models.unet_params, mesh),
+                               vae_params=sharding.replicate(models.vae_params, mesh))
+  if adapter is not None:
+    adapter = dataclasses.replace(adapter, layers=sharding.replicate(adapter.layers, mesh))
+  return models, adapter
+
+
 @dataclasses.dataclass
 class Batch:
   prompts: list[str]
@@ -196,6 +205,7 @@ def generate(models: SDXLModels, jobs: Sequence[ImageJob], options: GenerationOp
     raise ValueError(f"init latents have shape {tuple(init_latents.shape)} (NHWC), expected "
                      f"{(len(jobs),) + shape} for {len(jobs)} images of {h}x{w}")
   mesh = mesh or sharding.data_mesh()
+  models, adapter = place_params(models, adapter, mesh)  # once, not per batch
   bs = batch_size or max(mesh.size, min(len(jobs), 8))
   all_latents, all_images = [], []
   bar = tqdm(total=len(jobs), unit="img", disable=not progress, desc="generate")
