@@ -1,4 +1,4 @@
-"""The `kadiff` command: generate, make-tiny-model, benchmark."""
+"""The `kadiff` command: generate, invert, retrieve, make-tiny-model, benchmark."""
 
 from __future__ import annotations
 
@@ -158,6 +158,9 @@ def _benchmark(args) -> None:
   elif args.what == "pipeline":
     from kadiff_jax.benchmarks import pipeline
     pipeline.main(args)
+  elif args.what == "index":
+    from kadiff_jax.benchmarks import index
+    index.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
   inv.add_argument("--cache-dir", default=None)
   inv.set_defaults(func=_invert)
 
+  from retrieval.cli import add_parser as add_retrieve_parser
+  add_retrieve_parser(sub)
+
   t = sub.add_parser("make-tiny-model", help="write a tiny random SDXL pipeline in diffusers format")
   t.add_argument("dir")
   t.add_argument("--seed", type=int, default=0)
@@ -238,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
   bp.add_argument("--ip-adapter", default=None, type=__import__("pathlib").Path)
   bp.add_argument("--image-encoder", default=None, type=__import__("pathlib").Path)
   bp.add_argument("--no-torch", action="store_true", help="skip the diffusers reference")
+  bi = bsub.add_parser("index", help="ScaNN vs exact search on random unit vectors: build, QPS, recall@10")
+  bi.add_argument("--sizes", default="1e5,1e6", help="comma-separated corpus sizes")
+  bi.add_argument("--dim", type=int, default=384)
+  bi.add_argument("--queries", type=int, default=1000)
+  bi.add_argument("--data", choices=["uniform", "clustered"], default="uniform",
+                  help="random unit vectors (no structure: hardest for ANN) or clustered ones")
   b.set_defaults(func=_benchmark)
   return p
 

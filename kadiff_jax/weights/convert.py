@@ -20,7 +20,7 @@ import numpy as np
 
 # Module names that are nn.ModuleList / nn.Sequential in diffusers and transformers.
 _CONTAINERS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
-               "upsamplers", "to_out", "net", "layers")
+               "upsamplers", "to_out", "net", "layers", "layer")
 _TO_FLAX = re.compile(r"(?<![^.])(" + "|".join(_CONTAINERS) + r")\.(\d+)(?=\.|$)")
 _TO_TORCH = re.compile(r"^(" + "|".join(_CONTAINERS) + r")_(\d+)$")
 
