@@ -137,10 +137,12 @@ def init_shapes(config: CLIPVisionConfig):
   return jax.eval_shape(lambda p: CLIPVision(config).init(jax.random.PRNGKey(0), p), px)["params"]
 
 
-def preprocess(image: Image.Image | np.ndarray, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-  """CLIPImageProcessor: shortest side to `size` (PIL bicubic), centre crop, /255, normalise.
+def preprocess(image: Image.Image | np.ndarray, size: int, mean=CLIP_MEAN, std=CLIP_STD,
+               crop: int | None = None) -> np.ndarray:
+  """CLIPImageProcessor: shortest side to `size` (PIL bicubic), centre crop to `crop` (default
+  `size`), /255, normalise.
 
-  Takes an RGB PIL image or uint8 HWC array; returns float32 [size, size, 3] (HWC).
+  Takes an RGB PIL image or uint8 HWC array; returns float32 [crop, crop, 3] (HWC).
   Equal to transformers' PIL-backend CLIPImageProcessor (the reference's).
   """
   if isinstance(image, np.ndarray):
@@ -156,8 +158,9 @@ def preprocess(image: Image.Image | np.ndarray, size: int, mean=CLIP_MEAN, std=C
   if (new_w, new_h) != (w, h):
     image = image.resize((new_w, new_h), resample=Image.BICUBIC)
   a = np.asarray(image)
-  top, left = (new_h - size) // 2, (new_w - size) // 2
+  crop = size if crop is None else crop
+  top, left = (new_h - crop) // 2, (new_w - crop) // 2
   if top < 0 or left < 0:
-    raise AssertionError("resize produced a side shorter than the crop")
-  a = a[top:top + size, left:left + size].astype(np.float32) * (1 / 255)
+    raise ValueError(f"preprocess: crop {crop} is larger than the resized image {new_w}x{new_h}")
+  a = a[top:top + crop, left:left + crop].astype(np.float32) * (1 / 255)
   return ((a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)

@@ -1,0 +1,88 @@
+"""CLIP-T, CLIP-I and DINO with our Flax encoders against transformers on tiny random models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kadiff_jax import clip_bpe
+from kadiff_jax.metrics.clip_score import CLIPScorer
+from kadiff_jax.metrics.dino import DINOScorer
+from kadiff_jax.tiny_model import TINY_VOCAB
+
+
+def _images(n, seed):
+  rng = np.random.default_rng(seed)
+  sizes = [(64, 64), (80, 50), (45, 90), (300, 200)]
+  return [Image.fromarray(rng.integers(0, 255, (sizes[i % 4][1], sizes[i % 4][0], 3), np.uint8)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+  from transformers import CLIPConfig, CLIPModel
+  folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+  torch.manual_seed(0)
+  cfg = CLIPConfig(
+      text_config=dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                       bos_token_id=TINY_VOCAB - 2, eos_token_id=TINY_VOCAB - 1),  # the tokenizer's ids
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=32, patch_size=8),
+      projection_dim=24)
+  model = CLIPModel(cfg).eval()
+  model.save_pretrained(folder)
+  clip_bpe.write_tokenizer(folder, TINY_VOCAB)
+  return folder, model
+
+
+def test_clip_t_and_clip_i_match_transformers(tiny_clip):
+  from transformers import CLIPImageProcessor, CLIPTokenizer
+  folder, model = tiny_clip
+  ours = CLIPScorer(str(folder))
+  images, refs = _images(4, 0), _images(4, 1)
+  prompts = ["a photo of a dog", "a cat in the snow", "", "a " * 100]  # empty and truncated prompts too
+  proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+  tok = CLIPTokenizer.from_pretrained(folder)
+  with torch.no_grad():
+    img = lambda ims: model.get_image_features(**proc(images=ims, return_tensors="pt"))
+    txt = model.get_text_features(**tok(prompts, padding="max_length", max_length=77, truncation=True,
+                                        return_tensors="pt"))
+    unit = lambda x: torch.nn.functional.normalize(getattr(x, "pooler_output", x), dim=-1)
+    gi, ri, t = unit(img(images)), unit(img(refs)), unit(txt)
+  want_t = (2.5 * torch.clamp((gi * t).sum(-1), min=0)).numpy()
+  want_i = (gi * ri).sum(-1).numpy()
+  np.testing.assert_allclose(ours.clip_t(images, prompts), want_t, atol=2e-5)
+  np.testing.assert_allclose(ours.clip_i(images, refs), want_i, atol=2e-5)
+  assert np.any(want_t > 0)  # the clamp is not all there is
+  with pytest.raises(ValueError, match="2 images but 1 prompts"):
+    ours.clip_t(images[:2], prompts[:1])
+
+
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+  from transformers import ViTConfig, ViTModel
+  folder = tmp_path_factory.mktemp("dino") / "tiny-dino"
+  torch.manual_seed(1)
+  model = ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=224, patch_size=16), add_pooling_layer=True).eval()
+  model.save_pretrained(folder)
+  return folder, model
+
+
+def test_dino_matches_transformers(tiny_dino):
+  from transformers import CLIPImageProcessor
+  folder, model = tiny_dino
+  ours = DINOScorer(str(folder))
+  images, refs = _images(3, 2), _images(3, 3)
+  # Spec section 8: shortest side 256 (bicubic), centre crop 224, ImageNet mean/std.
+  proc = CLIPImageProcessor(size={"shortest_edge": 256}, crop_size=224, image_mean=[0.485, 0.456, 0.406],
+                            image_std=[0.229, 0.224, 0.225])
+  with torch.no_grad():
+    cls = lambda ims: torch.nn.functional.normalize(
+        model(**proc(images=ims, return_tensors="pt")).last_hidden_state[:, 0], dim=-1)
+    want = (cls(images) * cls(refs)).sum(-1).numpy()
+  np.testing.assert_allclose(ours.score(images, refs), want, atol=2e-5)
+  np.testing.assert_allclose(ours.pixels(images[:1])[0], proc(images=images[:1], return_tensors="np")
+                             ["pixel_values"][0].transpose(1, 2, 0), atol=1e-5)
