@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -72,6 +73,40 @@ def _kadiff(args) -> None:
                    cache_dir=(cache_dir or _default_cache()) / "references", baseline=not args.no_baseline,
                    batch_size=args.batch_size, init_latents=init)
   print(f"wrote {len(done)} job(s) to {args.out} ({len(jobs) - len(done)} already done)")
+
+
+def _run(args) -> None:
+  from kadiff_jax.kadiff import run as krun
+  from kadiff_jax.pipelines import text_to_image as t2i
+  from kadiff_jax.weights.sdxl import load_sdxl
+  from retrieval.cli import open_retriever
+
+  if bool(args.prompt) == bool(args.queries):
+    raise UsageError("give a prompt, e.g. kadiff run --index IDX \"a chow chow in the snow\", or --queries FILE")
+  if args.queries:
+    if args.concept or args.mask:
+      raise UsageError("--concept and --mask go into the queries file (fields concept, mask)")
+    queries = krun.read_queries(args.queries)
+  else:
+    queries = [krun.Query(f"seed{args.seed}_{krun.slug(args.prompt)}", args.prompt, args.concept or args.prompt,
+                          args.seed, args.mask)]
+  from kadiff_jax import image_io
+  for q in queries:
+    if q.mask:
+      image_io.load_rgb(q.mask)
+  retriever = open_retriever(args, rerank=args.rerank, expand=args.expand)
+  cache_dir = Path(args.cache_dir) if args.cache_dir else None
+  models = load_sdxl(args.model, dtype=t2i.compute_dtype(args.dtype), variant=args.variant, cache_dir=cache_dir)
+  if args.inject_layers is None:  # SDXL's numbers where they exist, every up-block layer otherwise
+    from kadiff_jax.models import unet
+    n_self = sum(s.kind == "self" for s in unet.attention_sites(models.unet_config).values())
+    args.inject_layers = "44-70" if n_self > 70 else "up_blocks.*"
+  options = _kadiff_options(args)
+  adapter = _adapter_for(args, models, cache_dir)
+  summary = krun.run(models, adapter, retriever, queries, options, args.out, k=args.k, min_score=args.min_score,
+                     on_no_match=args.on_no_match, cache_dir=(cache_dir or _default_cache()) / "references",
+                     baseline=not args.no_baseline, batch_size=args.batch_size)
+  print(json.dumps(summary))
 
 
 def _default_cache():
@@ -219,7 +254,46 @@ def build_parser() -> argparse.ArgumentParser:
   inv.set_defaults(func=_invert)
 
   from retrieval.cli import add_parser as add_retrieve_parser
+  from retrieval.cli import add_web_args
   add_retrieve_parser(sub)
+
+  r = sub.add_parser("run", help="knowledge-augmented generation: retrieve a reference, then KA-Diff")
+  r.add_argument("prompt", nargs="?", default=None, help="what to generate, e.g. 'a chow chow in the snow'")
+  r.add_argument("--queries", default=None, help="JSONL of {prompt, concept, id, seed, mask} (or one prompt a line)")
+  r.add_argument("--concept", default=None, help="what to retrieve (default: the prompt)")
+  r.add_argument("--index", required=True, help="retrieval index directory (kadiff retrieve build)")
+  r.add_argument("--out", required=True)
+  r.add_argument("-k", type=int, default=5, help="candidates retrieved (and re-ranked)")
+  r.add_argument("--rerank", default=None, help="MLLM id or folder for re-ranking")
+  r.add_argument("--scoring", choices=["logprob", "generate"], default="logprob")
+  r.add_argument("--expand", action="store_true", help="web-augment the query before retrieval")
+  r.add_argument("--embedder", default=None)
+  r.add_argument("--backend", choices=["scann", "exact"], default=None)
+  r.add_argument("--min-score", type=float, default=0.2, help="best dense score below this means no good match")
+  r.add_argument("--on-no-match", choices=["skip", "top1"], default="skip")
+  r.add_argument("--mask", default=None, help="concept mask for the chosen reference (white = concept)")
+  r.add_argument("--seed", type=int, default=0)
+  r.add_argument("--model", default="tiny")
+  r.add_argument("--ip-adapter", default=None)
+  r.add_argument("--image-encoder", default=None)
+  r.add_argument("--ip-scale", type=float, default=None)
+  r.add_argument("--steps", type=int, default=50)
+  r.add_argument("--guidance", type=float, default=5.0)
+  r.add_argument("--negative-prompt", default=None)
+  r.add_argument("--height", type=int, default=None)
+  r.add_argument("--width", type=int, default=None)
+  r.add_argument("--mode", choices=["kadiff", "baseline", "masactrl"], default="kadiff")
+  r.add_argument("--inject-layers", default=None, help="default: 44-70 (SDXL), up_blocks.* for smaller models")
+  r.add_argument("--inject-steps", default=None)
+  r.add_argument("--threshold", type=float, default=0.7)
+  r.add_argument("--use-init-latents", action="store_true")
+  r.add_argument("--dtype", default="fp32")
+  r.add_argument("--variant", default=None)
+  r.add_argument("--batch-size", type=int, default=None)
+  r.add_argument("--cache-dir", default=None)
+  r.add_argument("--no-baseline", action="store_true")
+  add_web_args(r)
+  r.set_defaults(func=_run)
 
   t = sub.add_parser("make-tiny-model", help="write a tiny random SDXL pipeline in diffusers format")
   t.add_argument("dir")

@@ -56,7 +56,8 @@ def _build(args) -> None:
   print(json.dumps(report))
 
 
-def _open(args, *, rerank: str | None = None, expand: bool = False):
+def open_retriever(args, *, rerank: str | None = None, expand: bool = False):
+  """A Retriever from parsed arguments (--index, --embedder, --backend, --scoring, web options)."""
   from retrieval import embed, rerank as rerank_lib, retriever, store
   ri = store.RetrievalIndex.load(args.index, backend=getattr(args, "backend", None))
   embedder = embed.load_embedder(args.embedder or ri.manifest["embedder"]["id"])
@@ -66,7 +67,7 @@ def _open(args, *, rerank: str | None = None, expand: bool = False):
 
 
 def _query(args) -> None:
-  r = _open(args, rerank=args.rerank, expand=args.expand).retrieve(args.text, args.k)
+  r = open_retriever(args, rerank=args.rerank, expand=args.expand).retrieve(args.text, args.k)
   out = r.to_json()
   if args.json:
     print(json.dumps(out))
@@ -99,7 +100,7 @@ def _read_queries(path: str) -> list[dict]:
 
 def _evaluate(args) -> None:
   from retrieval import retriever
-  r = _open(args, rerank=args.rerank, expand=args.expand)
+  r = open_retriever(args, rerank=args.rerank, expand=args.expand)
   result = retriever.evaluate(r, _read_queries(args.queries), k=args.k, rerank=bool(args.rerank))
   for m in result["misses"]:
     print(f"miss: {m['query']!r}: want {m['want']}, got {m['got']}")
@@ -124,7 +125,7 @@ def _delete(args) -> None:
   print(json.dumps({"deleted": len(args.ids), "count": len(ri)}))
 
 
-def _web_args(p: argparse.ArgumentParser) -> None:
+def add_web_args(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group("web augmentation")
   g.add_argument("--search-backend", default="duckduckgo", help="ddgs backend (the reference uses duckduckgo)")
   g.add_argument("--summarizer", default="extractive",
@@ -151,7 +152,7 @@ def add_parser(sub) -> None:
   b.add_argument("--num-leaves", type=int, default=None, help="ScaNN tree leaves (default ~sqrt(N))")
   b.add_argument("--leaves-to-search", type=int, default=None)
   b.add_argument("--reorder", type=int, default=None)
-  _web_args(b)
+  add_web_args(b)
   b.set_defaults(func=_build)
 
   for name, fn, hlp in (("query", _query, "the reference for one query"),
@@ -170,7 +171,7 @@ def add_parser(sub) -> None:
     q.add_argument("--expand", action="store_true", help="web-augment the query before embedding it")
     q.add_argument("--embedder", default=None, help="default: the one the index was built with")
     q.add_argument("--backend", choices=["scann", "exact"], default=None, help="default: the saved one")
-    _web_args(q)
+    add_web_args(q)
     q.set_defaults(func=fn)
 
   u = rs.add_parser("upsert", help="add or replace entries (same id) in an index")

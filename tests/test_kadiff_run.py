@@ -1,0 +1,69 @@
+"""`kadiff run`: retrieval over a DreamBooth corpus with the real MiniLM, then KA-Diff on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kadiff_jax import cli, image_io
+
+DREAMBOOTH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
+pytestmark = pytest.mark.skipif(not DREAMBOOTH.is_dir(), reason="../shared/data/dreambooth not present")
+
+
+def test_run_retrieves_generates_and_records(tmp_path, tiny_dir, capsys):
+  idx = tmp_path / "idx"
+  assert cli.main(["retrieve", "build", "--corpus", str(DREAMBOOTH), "--index", str(idx)]) == 0
+  queries = tmp_path / "queries.jsonl"
+  queries.write_text("\n".join([
+      json.dumps({"id": "chow", "prompt": "a chow chow in the snow", "seed": 3}),
+      json.dumps({"id": "nothing", "prompt": "quantum chromodynamics lecture notes"}),
+      "a rubber duck on the beach"]))
+  argv = ["run", "--index", str(idx), "--queries", str(queries), "--model", str(tiny_dir), "--steps", "3",
+          "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), "--min-score", "0.3"]
+  capsys.readouterr()
+  assert cli.main(argv) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary == {"queries": 3, "generated": 2, "already_done": 0, "no_match": 1}
+  out = tmp_path / "out"
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+      [f"{i}{s}" for i in ("chow", "0003_a_rubber_duck_on_the_beach") for s in (".png", "_baseline.png",
+                                                                             "_grid.png", ".json")]
+      + ["nothing.json"])
+
+  rec = json.loads((out / "chow.json").read_text())
+  assert rec["status"] == "done" and rec["chosen"]["id"] == "dog2" and rec["seed"] == 3
+  assert rec["ref_prompt"] == "A red Chow Chow walking on a forest path." and rec["ref_prompt_source"] == "caption"
+  assert rec["mask"] == {"source": "none"} and rec["options"]["inject_layers"] == "up_blocks.*"
+  assert [r["id"] for r in rec["retrieval"]["results"]][0] == "dog2" and len(rec["retrieval"]["results"]) == 5
+  meta = image_io.read_png_metadata(out / "chow.png")
+  assert meta["reference"] == rec["chosen"]["image"] and meta["prompt"] == "a chow chow in the snow"
+  grid = np.asarray(Image.open(out / "chow_grid.png"))
+  assert grid.shape == (64, 3 * 64, 3)  # reference | baseline | ours
+  duck = json.loads((out / "0003_a_rubber_duck_on_the_beach.json").read_text())
+  assert duck["chosen"]["id"] == "duck_toy"
+  none = json.loads((out / "nothing.json").read_text())
+  assert none["status"] == "no_match" and "under min_score 0.3" in none["reason"]
+  assert none["retrieval"]["results"][0]["score"] < 0.3
+
+  # A rerun finds everything done; records are rewritten identically (atomically).
+  before = (out / "chow.json").read_text()
+  assert cli.main(argv) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["already_done"] == 2
+  assert (out / "chow.json").read_text() == before
+  assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_run_bad_input(tmp_path, capsys):
+  q = tmp_path / "q.jsonl"
+  q.write_text('{"prompt": "a", "colour": "red"}\n')
+  assert cli.main(["run", "--index", str(tmp_path), "--queries", str(q), "--out", str(tmp_path / "o")]) == 2
+  assert "expected 'prompt'" in capsys.readouterr().err
+  assert cli.main(["run", "--index", str(tmp_path / "missing"), "a dog", "--out", str(tmp_path / "o")]) == 2
+  assert "not a retrieval index" in capsys.readouterr().err
+  assert cli.main(["run", "--index", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+  assert "give a prompt" in capsys.readouterr().err
