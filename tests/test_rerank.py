@@ -139,3 +139,9 @@ def test_cli_query_with_rerank(tiny_mllm, tmp_path):
   assert {r["id"] for r in out["results"]} >= {"duck_toy"}
   if out["rerank"]["rule"] == "scores":
     assert all("rerank_scores" in r for r in out["results"])
+  queries = tmp_path / "q.jsonl"
+  queries.write_text('{"query": "a yellow bath toy bird", "id": "duck_toy"}\n'
+                     '{"query": "a sausage dog napping on a green couch", "id": "dog5"}\n')
+  ev = json.loads(kadiff("retrieve", "evaluate", "--index", tmp_path / "idx", "--queries", queries, "-k", "2",
+                         "--rerank", tiny_mllm).splitlines()[-1])
+  assert ev["queries"] == 2 and ev["top1"] == 1.0 and 0.0 <= ev["top1_reranked"] <= 1.0
