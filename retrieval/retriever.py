@@ -97,6 +97,10 @@ class Retriever:
   def retrieve(self, query: str, k: int = 5, *, rerank: bool | None = None) -> Retrieval:
     """The chosen reference for `query`; re-ranked when a reranker is set (unless rerank=False)."""
     text, cands = self.search([query], k)[0]
+    return self.choose(query, text, cands, rerank=rerank)
+
+  def choose(self, query: str, text: str, cands: list[Candidate], *, rerank: bool | None = None) -> Retrieval:
+    """The chosen entry among searched candidates (re-ranked when a reranker is set, unless rerank=False)."""
     if not cands:
       raise ValueError(f"the index returned no candidates for {query!r}")
     use = self.reranker is not None if rerank is None else rerank
@@ -135,7 +139,8 @@ def evaluate(retriever: Retriever, queries: Sequence[dict[str, str]], *, k: int 
   misses = [{"query": q["query"], "want": q["id"], "got": cands[0].id}
             for q, (_, cands), ok in zip(queries, results, top1) if not ok]
   if rerank:
-    chosen = [retriever.retrieve(q["query"], k, rerank=True).chosen.id for q in queries]
+    chosen = [retriever.choose(q["query"], text, cands, rerank=True).chosen.id
+              for q, (text, cands) in zip(queries, results)]
     out["top1_reranked"] = float(np.mean([c == q["id"] for c, q in zip(chosen, queries)]))
   out["misses"] = misses
   return out

@@ -129,35 +129,15 @@ class RetryPolicy:
 
 # --- HTTP ------------------------------------------------------------------------------------------
 
-def http_get(url: str, *, timeout: float, headers: dict[str, str] | None = None) -> str:
-  req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
+def _fetch(req: urllib.request.Request, url: str, timeout: float) -> tuple[bytes, str]:
+  """(body, charset) of one request, with HTTP and socket failures mapped to our errors."""
   try:
     with urllib.request.urlopen(req, timeout=timeout) as r:
-      charset = r.headers.get_content_charset() or "utf-8"
-      return r.read().decode(charset, errors="replace")
+      return r.read(), r.headers.get_content_charset() or "utf-8"
   except urllib.error.HTTPError as e:
     if e.code in (429, 503):
       after = e.headers.get("Retry-After") if e.headers else None
       raise RateLimited(f"HTTP {e.code} from {url}", float(after) if after and after.isdigit() else None) from None
-    raise NetworkError(f"HTTP {e.code} from {url}") from None
-  except TimeoutError:
-    raise Timeout(f"no answer from {url} within {timeout}s") from None
-  except urllib.error.URLError as e:
-    if isinstance(e.reason, TimeoutError):
-      raise Timeout(f"no answer from {url} within {timeout}s") from None
-    raise NetworkError(f"{url}: {e.reason}") from None
-
-
-def http_post_json(url: str, body: dict, *, timeout: float, headers: dict[str, str] | None = None) -> dict:
-  req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                               headers={"User-Agent": USER_AGENT, "Content-Type": "application/json",
-                                        **(headers or {})})
-  try:
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-      return json.loads(r.read().decode())
-  except urllib.error.HTTPError as e:
-    if e.code in (429, 503):
-      raise RateLimited(f"HTTP {e.code} from {url}") from None
     raise NetworkError(f"HTTP {e.code} from {url}: {e.read()[:200]!r}") from None
   except TimeoutError:
     raise Timeout(f"no answer from {url} within {timeout}s") from None
@@ -165,6 +145,21 @@ def http_post_json(url: str, body: dict, *, timeout: float, headers: dict[str, s
     if isinstance(e.reason, TimeoutError):
       raise Timeout(f"no answer from {url} within {timeout}s") from None
     raise NetworkError(f"{url}: {e.reason}") from None
+
+
+def http_get(url: str, *, timeout: float, headers: dict[str, str] | None = None) -> str:
+  req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
+  body, charset = _fetch(req, url, timeout)
+  return body.decode(charset, errors="replace")
+
+
+def http_post_json(url: str, body: dict, *, timeout: float, headers: dict[str, str] | None = None) -> dict:
+  req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                               headers={"User-Agent": USER_AGENT, "Content-Type": "application/json",
+                                        **(headers or {})})
+  answer, charset = _fetch(req, url, timeout)
+  try:
+    return json.loads(answer.decode(charset, errors="replace"))
   except json.JSONDecodeError as e:
     raise NetworkError(f"{url} did not answer JSON: {e}") from None
 
