@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -26,12 +27,41 @@ def _kadiff_options(args):
       raise UsageError(f"--inject-steps {args.inject_steps!r}: expected START-END, e.g. 19-49") from None
   kw = dict(steps=args.steps, guidance=args.guidance, ip_scale=args.ip_scale, inject_layers=args.inject_layers,
             inject_steps=steps, threshold=args.threshold, use_init_latents=args.use_init_latents,
-            mode=getattr(args, "mode", None) or "kadiff", size=args.height)
+            mode=getattr(args, "mode", None) or "kadiff", size=args.height,
+            mask_words=tuple(w.strip() for w in args.mask_words.split(",") if w.strip()) if args.mask_words else None,
+            mask_threshold=_mask_threshold(args.mask_threshold))
   if args.negative_prompt is not None:
     kw["negative_prompt"] = args.negative_prompt
   if args.height is not None and args.width not in (None, args.height):
     raise UsageError(f"KA-Diff generates square images: --height {args.height} and --width {args.width} differ")
   return KADiffOptions(**kw)
+
+
+def _mask_threshold(value: str):
+  if value == "otsu":
+    return value
+  try:
+    t = float(value)
+  except ValueError:
+    t = -1.0
+  if not 0.0 <= t <= 1.0:
+    raise UsageError(f"--mask-threshold {value!r}: expected 'otsu' or a number in [0, 1]")
+  return t
+
+
+def _check_mask(path):
+  from kadiff_jax import image_io
+  from kadiff_jax.kadiff.jobs import AUTO_MASK
+  if path and path != AUTO_MASK:
+    image_io.load_rgb(path)
+
+
+def _add_mask_args(p, help_mask: str | None) -> None:
+  if help_mask:
+    p.add_argument("--mask", default=None, help=help_mask + "; 'auto': from the reference's cross-attention")
+  p.add_argument("--mask-words", default=None,
+                 help="with --mask auto: comma-separated subject words of the ref_prompt (default: its content words)")
+  p.add_argument("--mask-threshold", default="otsu", help="with --mask auto: 'otsu' or a fraction in [0, 1]")
 
 
 def _adapter_for(args, models, cache_dir):
@@ -63,8 +93,7 @@ def _kadiff(args) -> None:
   from kadiff_jax import image_io
   for j in jobs:  # bad images fail before any model loads
     image_io.load_rgb(j.reference)
-    if j.mask:
-      image_io.load_rgb(j.mask)
+    _check_mask(j.mask)
   init = _read_init_latents(args, len(jobs))
   cache_dir = Path(args.cache_dir) if args.cache_dir else None
   models = load_sdxl(args.model, dtype=t2i.compute_dtype(args.dtype), variant=args.variant, cache_dir=cache_dir)
@@ -75,36 +104,142 @@ def _kadiff(args) -> None:
   print(f"wrote {len(done)} job(s) to {args.out} ({len(jobs) - len(done)} already done)")
 
 
-def _run(args) -> None:
-  from kadiff_jax.kadiff import run as krun
+def _load_kadiff(args):
+  """(models, adapter, options, cache_dir) for the commands built on `_add_kadiff_args`."""
+  from kadiff_jax.models import unet
   from kadiff_jax.pipelines import text_to_image as t2i
   from kadiff_jax.weights.sdxl import load_sdxl
+  _kadiff_options(args)  # bad options fail before any model loads
+  cache_dir = Path(args.cache_dir) if args.cache_dir else None
+  models = load_sdxl(args.model, dtype=t2i.compute_dtype(args.dtype), variant=args.variant, cache_dir=cache_dir)
+  if args.inject_layers is None:  # SDXL's numbers where they exist, every up-block layer otherwise
+    n_self = sum(s.kind == "self" for s in unet.attention_sites(models.unet_config).values())
+    args.inject_layers = "44-70" if n_self > 70 else "up_blocks.*"
+  options = _kadiff_options(args)
+  adapter = _adapter_for(args, models, cache_dir)
+  return models, adapter, options, cache_dir or _default_cache()
+
+
+def _add_kadiff_args(p, mask_help: str | None) -> None:
+  """Model, IP-Adapter and KA-Diff options shared by run, visualize, mask and evaluate."""
+  p.add_argument("--model", default="tiny", help="SDXL pipeline folder or Hub id ('tiny': the built-in random one)")
+  p.add_argument("--ip-adapter", default=None, help="IP-Adapter file (the tiny model carries its own)")
+  p.add_argument("--image-encoder", default=None, help="its CLIP image encoder folder")
+  p.add_argument("--ip-scale", type=float, default=None)
+  p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--guidance", type=float, default=5.0)
+  p.add_argument("--negative-prompt", default=None)
+  p.add_argument("--height", type=int, default=None)
+  p.add_argument("--width", type=int, default=None)
+  p.add_argument("--mode", choices=["kadiff", "baseline", "masactrl"], default="kadiff")
+  p.add_argument("--inject-layers", default=None, help="default: 44-70 (SDXL), up_blocks.* for smaller models")
+  p.add_argument("--inject-steps", default=None, help="START-END (0-based, inclusive); default 19-49 of 50, scaled")
+  p.add_argument("--threshold", type=float, default=0.7, help="cosine-distance threshold for injection")
+  p.add_argument("--use-init-latents", action="store_true")
+  p.add_argument("--dtype", default="fp32")
+  p.add_argument("--variant", default=None)
+  p.add_argument("--batch-size", type=int, default=None)
+  p.add_argument("--cache-dir", default=None)
+  _add_mask_args(p, mask_help)
+
+
+def _visualize(args) -> None:
+  from kadiff_jax.kadiff import figures
+  from kadiff_jax.kadiff import jobs as kjobs
+  from kadiff_jax import image_io
+  image_io.load_rgb(args.reference)
+  _check_mask(args.mask)
+  if args.mode != "kadiff":
+    raise UsageError(f"--mode {args.mode}: visualize correspondence draws KA-Diff's injection (--mode kadiff)")
+  models, adapter, options, cache_dir = _load_kadiff(args)
+  job = kjobs.Job(f"seed{args.seed}", args.prompt, args.reference, args.ref_prompt, args.mask, args.seed)
+  words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
+  summary = figures.correspondence_figures(models, adapter, job, options, args.out, resolution=args.resolution,
+                                           step=args.step, words=words, cache_dir=cache_dir / "references")
+  print(json.dumps({k: summary[k] for k in ("resolution", "step", "mask", "attention_words")}))
+
+
+def _mask(args) -> None:
+  from kadiff_jax import image_io
+  from kadiff_jax.kadiff import concept_mask as CM
+  from kadiff_jax.kadiff import jobs as kjobs
+  from kadiff_jax.kadiff import reference as R
+  from kadiff_jax.kadiff import visualize as V
+  image_io.load_rgb(args.reference)
+  _check_mask(args.compare)
+  models, adapter, options, cache_dir = _load_kadiff(args)
+  job = kjobs.Job("mask", "", args.reference, args.ref_prompt, kjobs.AUTO_MASK)
+  cache = kjobs.reference_cache(models, adapter, job, options, cache_dir / "references")
+  m, record = kjobs.job_mask(job, cache, models.tokenizer, options)
+  out = Path(args.out)
+  image_io.write_png(out, np.repeat(m[..., None] * np.uint8(255), 3, -1), {"mask": json.dumps(record)})
+  heat = CM.concept_heatmap(cache.cross_attention, record["token_positions"], options.size)
+  image_io.write_png(out.with_name(out.stem + "_heatmap.png"),
+                     V.outline(V.heatmap_overlay(np.asarray(image_io.load_rgb(args.reference)), heat,
+                                                 size=options.size), m, (255, 255, 255)))
+  if args.compare:
+    truth = R.load_mask(args.compare, options.size, options.mask_padding)
+    union = np.logical_or(m, truth).sum()
+    record["iou"] = round(float(np.logical_and(m, truth).sum() / union), 6) if union else 1.0
+  print(json.dumps(record))
+
+
+def _csv_list(value: str | None, name: str, kind=str):
+  if value is None:
+    return None
+  try:
+    return [kind(v.strip()) for v in value.split(",") if v.strip()]
+  except ValueError:
+    raise UsageError(f"--{name} {value!r}: expected a comma-separated list of {kind.__name__}") from None
+
+
+def _evaluate(args) -> None:
+  from kadiff_jax.evaluation import dreambooth as db
+  from kadiff_jax.evaluation import report
+  from kadiff_jax.metrics.clip_score import CLIPScorer
+  from kadiff_jax.metrics.dino import DINOScorer
+  dataset = db.load_dataset(args.data)
+  items = db.plan(dataset, _csv_list(args.subjects, "subjects"), _csv_list(args.prompts, "prompts", int),
+                  _csv_list(args.seeds, "seeds", int) or [0], args.unique_token, args.reference_index)
+  methods = _csv_list(args.methods, "methods")
+  if not methods or set(methods) - set(db.METHODS):
+    raise UsageError(f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(db.METHODS)}")
+  clip, dino = CLIPScorer(args.clip), DINOScorer(args.dino)  # unreadable metric models fail before generating
+  mask = None if args.mask in (None, "none") else args.mask
+  _check_mask(mask)
+  models, adapter, options, _ = _load_kadiff(args)
+  generated = db.generate(models, adapter, items, options, args.out, mask=mask, methods=methods,
+                          batch_size=args.batch_size)
+  rows = db.score(items, args.out, clip, dino, methods)
+  paths = report.write_reports(rows, args.out)
+  table = report.summary(rows)
+  print(report.markdown(rows), end="")
+  print(json.dumps({"items": len(items), "generated": generated, **{k: str(v) for k, v in paths.items()},
+                    "summary": {m: {k: round(v[0], 6) for k, v in s.items()} for m, s in table.items()}}))
+
+
+def _run(args) -> None:
+  from kadiff_jax.kadiff import run as krun
   from retrieval.cli import open_retriever
 
   if bool(args.prompt) == bool(args.queries):
     raise UsageError("give a prompt, e.g. kadiff run --index IDX \"a chow chow in the snow\", or --queries FILE")
   if args.queries:
-    if args.concept or args.mask:
-      raise UsageError("--concept and --mask go into the queries file (fields concept, mask)")
+    if args.concept or args.mask not in (None, "auto"):
+      raise UsageError("--concept and --mask go into the queries file (fields concept, mask); "
+                       "--mask auto applies to queries without a mask")
     queries = krun.read_queries(args.queries)
+    if args.mask:
+      queries = [q if q.mask else dataclasses.replace(q, mask=args.mask) for q in queries]
   else:
     queries = [krun.Query(f"seed{args.seed}_{krun.slug(args.prompt)}", args.prompt, args.concept or args.prompt,
                           args.seed, args.mask)]
-  from kadiff_jax import image_io
   for q in queries:
-    if q.mask:
-      image_io.load_rgb(q.mask)
+    _check_mask(q.mask)
   retriever = open_retriever(args, rerank=args.rerank, expand=args.expand)
-  cache_dir = Path(args.cache_dir) if args.cache_dir else None
-  models = load_sdxl(args.model, dtype=t2i.compute_dtype(args.dtype), variant=args.variant, cache_dir=cache_dir)
-  if args.inject_layers is None:  # SDXL's numbers where they exist, every up-block layer otherwise
-    from kadiff_jax.models import unet
-    n_self = sum(s.kind == "self" for s in unet.attention_sites(models.unet_config).values())
-    args.inject_layers = "44-70" if n_self > 70 else "up_blocks.*"
-  options = _kadiff_options(args)
-  adapter = _adapter_for(args, models, cache_dir)
+  models, adapter, options, cache_dir = _load_kadiff(args)
   summary = krun.run(models, adapter, retriever, queries, options, args.out, k=args.k, min_score=args.min_score,
-                     on_no_match=args.on_no_match, cache_dir=(cache_dir or _default_cache()) / "references",
+                     on_no_match=args.on_no_match, cache_dir=cache_dir / "references",
                      baseline=not args.no_baseline, batch_size=args.batch_size)
   print(json.dumps(summary))
 
@@ -230,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
   k = g.add_argument_group("KA-Diff (with --mode)")
   k.add_argument("--mode", choices=["kadiff", "baseline", "masactrl"], default=None,
                  help="KA-Diff injection, plain IP-Adapter from the same noise, or MasaCtrl-style mutual attention")
-  k.add_argument("--mask", default=None, help="concept mask of the reference (white = concept)")
+  _add_mask_args(k, "concept mask of the reference (white = concept)")
   k.add_argument("--ref-prompt", default=None, help="text describing the reference")
   k.add_argument("--use-init-latents", action="store_true", help="start from the inverted reference inside the mask")
   k.add_argument("--inject-layers", default="44-70", help="self-attention layers: numbers and/or globs")
@@ -271,29 +406,52 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("--backend", choices=["scann", "exact"], default=None)
   r.add_argument("--min-score", type=float, default=0.2, help="best dense score below this means no good match")
   r.add_argument("--on-no-match", choices=["skip", "top1"], default="skip")
-  r.add_argument("--mask", default=None, help="concept mask for the chosen reference (white = concept)")
   r.add_argument("--seed", type=int, default=0)
-  r.add_argument("--model", default="tiny")
-  r.add_argument("--ip-adapter", default=None)
-  r.add_argument("--image-encoder", default=None)
-  r.add_argument("--ip-scale", type=float, default=None)
-  r.add_argument("--steps", type=int, default=50)
-  r.add_argument("--guidance", type=float, default=5.0)
-  r.add_argument("--negative-prompt", default=None)
-  r.add_argument("--height", type=int, default=None)
-  r.add_argument("--width", type=int, default=None)
-  r.add_argument("--mode", choices=["kadiff", "baseline", "masactrl"], default="kadiff")
-  r.add_argument("--inject-layers", default=None, help="default: 44-70 (SDXL), up_blocks.* for smaller models")
-  r.add_argument("--inject-steps", default=None)
-  r.add_argument("--threshold", type=float, default=0.7)
-  r.add_argument("--use-init-latents", action="store_true")
-  r.add_argument("--dtype", default="fp32")
-  r.add_argument("--variant", default=None)
-  r.add_argument("--batch-size", type=int, default=None)
-  r.add_argument("--cache-dir", default=None)
+  _add_kadiff_args(r, "concept mask for the chosen reference (white = concept)")
   r.add_argument("--no-baseline", action="store_true")
   add_web_args(r)
   r.set_defaults(func=_run)
+
+  v = sub.add_parser("visualize", help="pictures of a KA-Diff run (correspondence, distances, attention)")
+  vsub = v.add_subparsers(dest="what", required=True)
+  vc = vsub.add_parser("correspondence", help="generate one image and draw its matches, distances, injected "
+                       "positions and cross-attention")
+  vc.add_argument("--reference", required=True)
+  vc.add_argument("--prompt", required=True)
+  vc.add_argument("--ref-prompt", required=True)
+  vc.add_argument("--out", required=True, help="folder for the PNGs and correspondence.json")
+  vc.add_argument("--seed", type=int, default=0)
+  vc.add_argument("--resolution", type=int, default=None, help="attention grid to draw (default: the largest)")
+  vc.add_argument("--step", type=int, default=None, help="step for matches.png (default: the last injecting one)")
+  vc.add_argument("--words", default=None, help="ref_prompt words for the cross-attention overlay "
+                  "(default: its content words)")
+  _add_kadiff_args(vc, "concept mask of the reference (white = concept)")
+  vc.set_defaults(func=_visualize)
+
+  ev = sub.add_parser("evaluate", help="evaluation runners (CSV, Markdown table, chart)")
+  evsub = ev.add_subparsers(dest="what", required=True)
+  ed = evsub.add_parser("dreambooth", help="subjects x their 25 prompts x seeds: KA-Diff, IP-Adapter and "
+                        "MasaCtrl-style, scored with CLIP-T, CLIP-I and DINO")
+  ed.add_argument("--data", required=True, help="DreamBooth-layout folder (subject folders + prompts_and_classes.txt)")
+  ed.add_argument("--out", required=True, help="folder for images, caches, CSVs, summary.md and chart.png")
+  ed.add_argument("--subjects", default=None, help="comma-separated subject names (default: all)")
+  ed.add_argument("--prompts", default=None, help="comma-separated prompt indices 0-24 (default: all)")
+  ed.add_argument("--seeds", default="0", help="comma-separated seeds")
+  ed.add_argument("--unique-token", default="", help="DreamBooth's {0} (default: none, KA-Diff is training-free)")
+  ed.add_argument("--reference-index", type=int, default=0, help="which image of a subject is its reference")
+  ed.add_argument("--methods", default="kadiff,baseline,masactrl")
+  ed.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIPModel folder or Hub id for CLIP-T/I")
+  ed.add_argument("--dino", default="facebook/dino-vits16", help="ViTModel folder or Hub id for DINO")
+  _add_kadiff_args(ed, "'auto' (default), 'none', or one mask image for every reference")
+  ed.set_defaults(func=_evaluate, mask="auto")
+
+  mk = sub.add_parser("mask", help="the automatic concept mask of a reference (from its inversion's cross-attention)")
+  mk.add_argument("--reference", required=True)
+  mk.add_argument("--ref-prompt", required=True)
+  mk.add_argument("--out", required=True, help="mask PNG (white = concept); OUT_heatmap.png shows the map")
+  mk.add_argument("--compare", default=None, help="a hand-made mask: print the IoU with it")
+  _add_kadiff_args(mk, None)
+  mk.set_defaults(func=_mask, mask=None)
 
   t = sub.add_parser("make-tiny-model", help="write a tiny random SDXL pipeline in diffusers format")
   t.add_argument("dir")

@@ -50,7 +50,7 @@ def load_rgb(path_or_image) -> Image.Image:
       im = Image.open(path_or_image)
       im.load()
     except FileNotFoundError:
-      raise FileNotFoundError(f"reference image {name} does not exist") from None
+      raise FileNotFoundError(f"image {name} does not exist") from None
     except OSError as e:
       raise ValueError(f"{name} is not a readable image: {e}") from None
   if im.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kadiff_jax import clip_bpe

@@ -45,3 +45,38 @@ def nchw(x):
 
 def nhwc(x):
   return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+  """A tiny random transformers CLIPModel folder (with our tiny BPE tokenizer) and the torch model."""
+  import torch
+  from kadiff_jax import clip_bpe
+  from kadiff_jax.tiny_model import TINY_VOCAB
+  from transformers import CLIPConfig, CLIPModel
+  folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+  torch.manual_seed(0)
+  cfg = CLIPConfig(
+      text_config=dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                       bos_token_id=TINY_VOCAB - 2, eos_token_id=TINY_VOCAB - 1),  # the tokenizer's ids
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=32, patch_size=8),
+      projection_dim=24)
+  model = CLIPModel(cfg).eval()
+  model.save_pretrained(folder)
+  clip_bpe.write_tokenizer(folder, TINY_VOCAB)
+  return folder, model
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory):
+  """A tiny random transformers ViTModel folder (DINO-shaped, 224 px, patch 16) and the torch model."""
+  import torch
+  from transformers import ViTConfig, ViTModel
+  folder = tmp_path_factory.mktemp("dino") / "tiny-dino"
+  torch.manual_seed(1)
+  model = ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=224, patch_size=16), add_pooling_layer=True).eval()
+  model.save_pretrained(folder)
+  return folder, model

@@ -7,34 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from kadiff_jax import clip_bpe
 from kadiff_jax.metrics.clip_score import CLIPScorer
 from kadiff_jax.metrics.dino import DINOScorer
-from kadiff_jax.tiny_model import TINY_VOCAB
 
 
 def _images(n, seed):
   rng = np.random.default_rng(seed)
   sizes = [(64, 64), (80, 50), (45, 90), (300, 200)]
   return [Image.fromarray(rng.integers(0, 255, (sizes[i % 4][1], sizes[i % 4][0], 3), np.uint8)) for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-  from transformers import CLIPConfig, CLIPModel
-  folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
-  torch.manual_seed(0)
-  cfg = CLIPConfig(
-      text_config=dict(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                       bos_token_id=TINY_VOCAB - 2, eos_token_id=TINY_VOCAB - 1),  # the tokenizer's ids
-      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=32, patch_size=8),
-      projection_dim=24)
-  model = CLIPModel(cfg).eval()
-  model.save_pretrained(folder)
-  clip_bpe.write_tokenizer(folder, TINY_VOCAB)
-  return folder, model
 
 
 def test_clip_t_and_clip_i_match_transformers(tiny_clip):
@@ -60,17 +40,6 @@ def test_clip_t_and_clip_i_match_transformers(tiny_clip):
     ours.clip_t(images[:2], prompts[:1])
 
 
-@pytest.fixture(scope="module")
-def tiny_dino(tmp_path_factory):
-  from transformers import ViTConfig, ViTModel
-  folder = tmp_path_factory.mktemp("dino") / "tiny-dino"
-  torch.manual_seed(1)
-  model = ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             image_size=224, patch_size=16), add_pooling_layer=True).eval()
-  model.save_pretrained(folder)
-  return folder, model
-
-
 def test_dino_matches_transformers(tiny_dino):
   from transformers import CLIPImageProcessor
   folder, model = tiny_dino
@@ -86,3 +55,22 @@ def test_dino_matches_transformers(tiny_dino):
   np.testing.assert_allclose(ours.score(images, refs), want, atol=2e-5)
   np.testing.assert_allclose(ours.pixels(images[:1])[0], proc(images=images[:1], return_tensors="np")
                              ["pixel_values"][0].transpose(1, 2, 0), atol=1e-5)
+
+
+def test_unreadable_images_are_named(tmp_path, tiny_clip, tiny_dino):
+  clip, dino = CLIPScorer(str(tiny_clip[0])), DINOScorer(str(tiny_dino[0]))
+  bad = tmp_path / "broken.png"
+  bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+  good = _images(1, 4)[0]
+  with pytest.raises(ValueError, match=r"CLIP: cannot read .*broken\.png"):
+    clip.clip_i([bad], [good])
+  with pytest.raises(ValueError, match=r"DINO: cannot read .*missing\.png.*does not exist"):
+    dino.score([tmp_path / "missing.png"], [good])
+  with pytest.raises(ValueError, match=r"image 0 is a float32 array of shape \(8, 8, 3\)"):
+    clip.image_embeds([np.zeros((8, 8, 3), np.float32)])
+  # paths, arrays and PIL images of other modes are all read the same way
+  good.save(tmp_path / "good.png")
+  grey = good.convert("L")
+  np.testing.assert_allclose(clip.image_embeds([tmp_path / "good.png", np.asarray(good)]),
+                             clip.image_embeds([good, good]), atol=1e-6)
+  np.testing.assert_allclose(dino.features([grey]), dino.features([grey.convert("RGB")]), atol=1e-6)

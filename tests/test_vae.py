@@ -15,7 +15,7 @@ from conftest import max_rel_err, nchw, nhwc
 from kadiff_jax.models import vae
 from kadiff_jax.models.config_util import ConfigError
 from kadiff_jax.tiny_model import random_params
-from kadiff_jax.weights import convert, files, load
+from kadiff_jax.weights import convert, load
 
 
 def _pair(cfg):

@@ -51,11 +51,13 @@ def _empty_corr(b: int, r: int) -> corr_lib.Correspondence:
 
 
 @functools.partial(jax.jit, static_argnames=("unet_config", "steps", "mode", "selector", "inject", "threshold",
-                                             "step_range", "resolutions", "dtype", "upcast", "trajectory_out"))
+                                             "step_range", "resolutions", "dtype", "upcast", "trajectory_out",
+                                             "correspondence_out"))
 def kadiff_denoise(unet_params, noise, trajectory, ref_features, masks, cond, guidance, ip_args, *, unet_config,
                    steps, mode, selector, inject, threshold, step_range, resolutions, dtype, upcast,
-                   trajectory_out=False):
-  """Returns final gen latents [B, h, w, C] (and with `trajectory_out` also every step's, [S, B, h, w, C]).
+                   trajectory_out=False, correspondence_out=False):
+  """Returns final gen latents [B, h, w, C]; with `trajectory_out` also every step's, [S, B, h, w, C], and
+  with `correspondence_out` every step's correspondence {r: Correspondence of [S, B, r*r]} (a tuple).
 
   noise [B, h, w, C]; trajectory [B, S+1, h, w, C] and ref_features [B, S, hf, wf, Cf] in denoising
   order; masks [B, M, M] bool; cond has 4B rows; ip_args: IPAdapterArgs over the 4B rows.
@@ -89,11 +91,13 @@ def kadiff_denoise(unet_params, noise, trajectory, ref_features, masks, cond, gu
     e_gen = eps[:, 0] + guidance * (eps[:, COND_GEN] - eps[:, 0])  # rows 0 and 2: uncond/cond gen
     feat = aux["up_blocks.0"].reshape((b, ROWS) + aux["up_blocks.0"].shape[1:])[:, COND_GEN].astype(jnp.float32)
     z_next = scheduler.step(state, s, z_gen, e_gen)
-    return (z_next, feat), (z_next if trajectory_out else None)
+    return (z_next, feat), (z_next if trajectory_out else None, corr if correspondence_out else None)
 
   feat0 = jnp.zeros_like(ref_features[:, 0], jnp.float32)
-  (z, _), per_step = jax.lax.scan(body, (noise, feat0), jnp.arange(steps))
-  return (z, per_step) if trajectory_out else z
+  (z, _), (per_step, corrs) = jax.lax.scan(body, (noise, feat0), jnp.arange(steps))
+  if not (trajectory_out or correspondence_out):
+    return z
+  return (z,) + ((per_step,) if trajectory_out else ()) + ((corrs,) if correspondence_out else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +142,10 @@ def initial_latents(noise: np.ndarray, caches: Sequence[ReferenceCache], masks: 
 
 def run_jobs(models: SDXLModels, adapter, jobs: Sequence[KADiffJob], caches: Sequence[ReferenceCache],
              references: Sequence[Image.Image], masks: np.ndarray, noise: np.ndarray, options: KADiffOptions,
-             mode: str | None = None, mesh=None, trajectory_out: bool = False):
-  """Generates one batch of jobs; returns (latents [B, h, w, C], uint8 images [B, H, W, 3]),
-  plus the per-step latents [S, B, h, w, C] with `trajectory_out`."""
+             mode: str | None = None, mesh=None, trajectory_out: bool = False, correspondence_out: bool = False):
+  """Generates one batch of jobs; returns (latents [B, h, w, C], uint8 images [B, H, W, 3]), plus the
+  per-step latents [S, B, h, w, C] with `trajectory_out` and the per-step correspondences
+  {r: Correspondence of [S, B, r*r]} with `correspondence_out`."""
   options = options.for_model(models)
   mode = mode or options.mode
   n = len(jobs)
@@ -161,11 +166,18 @@ def run_jobs(models: SDXLModels, adapter, jobs: Sequence[KADiffJob], caches: Seq
       threshold=float(options.threshold), step_range=options.step_range(),
       resolutions=injection_resolutions(models.unet_config, selector, latent),
       dtype=jax.tree_util.tree_leaves(models.unet_params)[0].dtype,
-      upcast=models.unet_config.upcast_attention, trajectory_out=trajectory_out)
-  per_step = None
-  if trajectory_out:
-    z, per_step = z
+      upcast=models.unet_config.upcast_attention, trajectory_out=trajectory_out,
+      correspondence_out=correspondence_out)
+  per_step = corrs = None
+  if trajectory_out or correspondence_out:
+    z, *extra = z
+    per_step = extra.pop(0) if trajectory_out else None
+    corrs = extra.pop(0) if correspondence_out else None
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
   images = t2i.decode(sharding.replicate(models.vae_params, mesh), z, config=models.vae_config, dtype=vae_dtype)
   out = (sharding.to_host(z)[:n], image_io.to_uint8(sharding.to_host(images)[:n]))
-  return out + (sharding.to_host(per_step)[:, :n],) if trajectory_out else out
+  if trajectory_out:
+    out += (sharding.to_host(per_step)[:, :n],)
+  if correspondence_out:
+    out += ({r: corr_lib.Correspondence(*(sharding.to_host(a)[:, :n] for a in c)) for r, c in corrs.items()},)
+  return out

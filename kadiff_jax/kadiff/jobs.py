@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kadiff_jax import image_io, sharding
+from kadiff_jax.kadiff import concept_mask
 from kadiff_jax.kadiff import generate as G
 from kadiff_jax.kadiff import reference as R
 from kadiff_jax.kadiff.options import DEFAULT_PROMPT, KADiffOptions
@@ -28,6 +29,7 @@ from kadiff_jax.pipelines.text_to_image import initial_noise, place_params
 
 log = logging.getLogger("kadiff_jax")
 _FIELDS = ("id", "prompt", "reference", "mask", "ref_prompt", "seed")
+AUTO_MASK = "auto"  # a job's mask field: derive the mask from the reference's cross-attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Job:
   prompt: str
   reference: str
   ref_prompt: str
-  mask: str | None = None
+  mask: str | None = None  # a mask image, "auto" (from cross-attention), or None (the whole reference)
   seed: int = 0
   index: int = 0  # noise is normal(fold_in(PRNGKey(seed), index))
 
@@ -65,7 +67,7 @@ def read_jobs(path: str | Path) -> list[Job]:
       raise ValueError(f"{path}: job {n} has unknown fields {sorted(unknown)} (expected {list(_FIELDS)})")
     if not row.get("reference"):
       raise ValueError(f"{path}: job {n} has no 'reference' image")
-    resolve = lambda p: str(p if Path(p).is_absolute() else path.parent / p) if p else None
+    resolve = lambda p: (p if p == AUTO_MASK or Path(p).is_absolute() else str(path.parent / p)) if p else None
     job = Job(id=str(row.get("id") or f"job{n:05d}"), prompt=row.get("prompt") or DEFAULT_PROMPT,
               reference=resolve(row["reference"]), ref_prompt=row.get("ref_prompt") or "",
               mask=resolve(row.get("mask")), seed=int(row.get("seed") or 0))
@@ -76,7 +78,8 @@ def read_jobs(path: str | Path) -> list[Job]:
   return jobs
 
 
-def _cache_for(models, adapter, job: Job, options: KADiffOptions, cache_dir: Path | None) -> R.ReferenceCache:
+def reference_cache(models, adapter, job: Job, options: KADiffOptions, cache_dir: Path | None) -> R.ReferenceCache:
+  """The job's reference inverted, from `cache_dir` when it holds a matching cache (saved there if not)."""
   image = image_io.load_rgb(job.reference)
   sha = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
   expected = R.cache_manifest(models, adapter, sha, job.ref_prompt, options)
@@ -92,6 +95,20 @@ def _cache_for(models, adapter, job: Job, options: KADiffOptions, cache_dir: Pat
   return cache
 
 
+def job_mask(job: Job, cache: R.ReferenceCache, tokenizer, options: KADiffOptions) -> tuple[np.ndarray, dict]:
+  """The job's concept mask [size, size] bool and a record of where it came from (a user mask wins)."""
+  if job.mask == AUTO_MASK:
+    if cache.cross_attention is None:
+      raise ValueError(f"job {job.id}: --mask auto needs a reference cache with cross-attention maps "
+                       f"(made by kadiff >= cache version {R.CACHE_VERSION}); delete the old cache")
+    cm = concept_mask.concept_mask(cache.cross_attention, tokenizer, job.ref_prompt, options.size,
+                                   options.mask_words, options.mask_threshold)
+    return cm.mask, cm.record()
+  if job.mask:
+    return R.load_mask(job.mask, options.size, options.mask_padding), {"source": "user", "path": job.mask}
+  return np.ones((options.size, options.size), bool), {"source": "none"}
+
+
 def _grid(images: Sequence[np.ndarray]) -> np.ndarray:
   h = images[-1].shape[0]
   tiles = [np.asarray(image_io.Image.fromarray(im).resize((h, h))) if im.shape[0] != h else im for im in images]
@@ -100,8 +117,8 @@ def _grid(images: Sequence[np.ndarray]) -> np.ndarray:
 
 def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: str | Path, *,
         cache_dir: str | Path | None = None, baseline: bool = True, batch_size: int | None = None,
-        init_latents: np.ndarray | None = None, mesh=None, progress: bool = True) -> list[str]:
-  """Runs the jobs that have no output yet; returns the ids it generated."""
+        init_latents: np.ndarray | None = None, mesh=None, progress: bool = True) -> dict[str, dict]:
+  """Runs the jobs that have no output yet; returns {id: {"mask": where its mask came from}} for those."""
   options = options.for_model(models)
   out_dir = Path(out_dir)
   cache_dir = Path(cache_dir) if cache_dir else None
@@ -115,18 +132,18 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
   bs = batch_size or 1
   mesh = mesh or sharding.data_mesh()
   placed, placed_adapter = place_params(models, adapter, mesh)  # inversion keeps the unplaced params
-  done = []
+  done: dict[str, dict] = {}
   bar = tqdm(total=len(todo), unit="img", disable=not progress, desc="kadiff")
   t0 = time.perf_counter()
   for start in range(0, len(todo), bs):
     chunk = todo[start:start + bs]
     for _, j in chunk:
       if (j.reference, j.ref_prompt) not in caches:
-        caches[(j.reference, j.ref_prompt)] = _cache_for(models, adapter, j, options, cache_dir)
+        caches[(j.reference, j.ref_prompt)] = reference_cache(models, adapter, j, options, cache_dir)
     cs = [caches[(j.reference, j.ref_prompt)] for _, j in chunk]
     refs = [image_io.load_rgb(j.reference) for _, j in chunk]
-    masks = np.stack([R.load_mask(j.mask, options.size, options.mask_padding) if j.mask
-                      else np.ones((options.size, options.size), bool) for _, j in chunk])
+    mask_info = [job_mask(j, c, models.tokenizer, options) for (_, j), c in zip(chunk, cs)]
+    masks = np.stack([m for m, _ in mask_info])
     noise = (init_latents[[i for i, _ in chunk]] if init_latents is not None
              else np.stack([np.asarray(initial_noise(j.seed, [j.index], latent_shape))[0] for _, j in chunk]))
     kjobs = [G.KADiffJob(j.prompt, j.reference, j.ref_prompt, j.mask, j.seed) for _, j in chunk]
@@ -136,15 +153,18 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
         if baseline and options.mode != "baseline" else None
     for k, (_, j) in enumerate(chunk if sharding.is_writer() else ()):
       meta = {"prompt": j.prompt, "reference": j.reference, "ref_prompt": j.ref_prompt, "mask": j.mask or "",
+              "mask_source": json.dumps(mask_info[k][1]),
               "seed": str(j.seed), "kadiff": {"model": str(models.source), "ip_adapter": adapter.source,
                                               **dataclasses.asdict(options)}}
       ref_small = np.asarray(refs[k].resize((options.size, options.size)))
+      if j.mask == AUTO_MASK:
+        image_io.write_png(out_dir / f"{j.id}_mask.png", np.repeat(masks[k][..., None] * np.uint8(255), 3, -1), meta)
       if base is not None:
         image_io.write_png(out_dir / f"{j.id}_baseline.png", base[k], {**meta, "mode": "baseline"})
       image_io.write_png(out_dir / f"{j.id}_grid.png", _grid([ref_small] + ([base[k]] if base is not None else [])
                                                                + [ours[k]]), meta)
       image_io.write_png(out_dir / f"{j.id}.png", ours[k], {**meta, "mode": options.mode})  # last: marks done
-    done.extend(j.id for _, j in chunk)
+    done.update((j.id, {"mask": info}) for (_, j), (_, info) in zip(chunk, mask_info))
     bar.update(len(chunk))
     bar.set_postfix(img_per_s=f"{len(done) / (time.perf_counter() - t0):.2f}")
   bar.close()

@@ -32,6 +32,9 @@ class KADiffOptions:
   mask_padding: str = "foreground"           # Q2: "foreground" | "background"
   use_init_latents: bool = False
   mode: str = "kadiff"                       # "kadiff" | "masactrl" | "baseline"
+  mask_layers: str = "*"                     # attn2 layers whose maps make the automatic concept mask
+  mask_words: tuple[str, ...] | None = None  # subject words of ref_prompt for the automatic mask; None: content words
+  mask_threshold: str | float = "otsu"       # automatic mask: "otsu" or a fixed fraction of the normalised map
 
   def __post_init__(self):
     checks = (("inversion_uncond", ("reference", "negative_prompt")), ("mask_padding", ("foreground", "background")),
@@ -41,6 +44,9 @@ class KADiffOptions:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
     if not set(self.inject) <= {"q", "k", "v"} or not self.inject:
       raise ValueError(f"inject={self.inject!r}: expected a non-empty subset of ('q', 'k', 'v')")
+    if self.mask_threshold != "otsu" and not (isinstance(self.mask_threshold, (int, float))
+                                              and 0 <= self.mask_threshold <= 1):
+      raise ValueError(f"mask_threshold={self.mask_threshold!r}: expected 'otsu' or a number in [0, 1]")
     if self.size is not None and (self.size <= 0 or self.size % 8):
       raise ValueError(f"size={self.size}: expected a positive multiple of 8")
     if self.steps < 2:

@@ -24,12 +24,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from kadiff_jax import image_io
+from kadiff_jax.kadiff import concept_mask
 from kadiff_jax.kadiff.options import KADiffOptions, kadiff_scheduler
 from kadiff_jax.models import ip_adapter, unet, vae
 from kadiff_jax.pipelines import conditioning
 from kadiff_jax.weights.sdxl import SDXLModels
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def load_mask(path_or_image, size: int, padding: str = "foreground") -> np.ndarray:
@@ -57,13 +58,15 @@ class ReferenceCache:
   features: np.ndarray  # [S, H/16, W/16, C_dift] denoising order: [s] captured at timestep t_s
   timesteps: np.ndarray  # [S] denoising-order timesteps
   manifest: dict[str, Any]
+  cross_attention: np.ndarray | None = None  # [r, r, T] cond-row text attention, mean over layers and steps
 
   def save(self, path: str | os.PathLike) -> Path:
     """Writes `path`.npz and `path`.json atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, latents=self.latents, features=self.features, timesteps=self.timesteps)
+    extra = {} if self.cross_attention is None else {"cross_attention": self.cross_attention}
+    np.savez(tmp, latents=self.latents, features=self.features, timesteps=self.timesteps, **extra)
     os.replace(tmp, path.with_suffix(".npz"))
     tmp_json = path.with_name(f".{path.name}.tmp{os.getpid()}.json")
     tmp_json.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
@@ -79,7 +82,8 @@ def cache_manifest(models: SDXLModels, adapter: ip_adapter.IPAdapter, reference_
           "ip_adapter": adapter.source, "ip_scale": _scale(adapter, options), "reference_sha256": reference_sha,
           "ref_prompt": ref_prompt, "steps": options.steps, "size": options.size,
           "scheduler": dataclasses.asdict(kadiff_scheduler().config), "inversion_guidance": options.inversion_guidance,
-          "inversion_uncond": options.inversion_uncond, "negative_prompt": options.negative_prompt}
+          "inversion_uncond": options.inversion_uncond, "negative_prompt": options.negative_prompt,
+          "mask_layers": options.mask_layers}
 
 
 def load_cache(path: str | os.PathLike, expected: dict[str, Any] | None = None) -> ReferenceCache:
@@ -95,7 +99,8 @@ def load_cache(path: str | os.PathLike, expected: dict[str, Any] | None = None) 
       lines = ", ".join(f"{k}: cache has {a!r}, this run needs {b!r}" for k, (a, b) in sorted(diff.items()))
       raise ValueError(f"reference cache {npz} was made for a different setup ({lines}); delete it or use another")
   with np.load(npz) as z:
-    return ReferenceCache(z["latents"], z["features"], z["timesteps"], manifest)
+    return ReferenceCache(z["latents"], z["features"], z["timesteps"], manifest,
+                          z["cross_attention"] if "cross_attention" in z.files else None)
 
 
 def _scale(adapter, options: KADiffOptions) -> float:
@@ -106,7 +111,8 @@ def _scale(adapter, options: KADiffOptions) -> float:
                                              "hooks", "vae_dtype"))
 def _invert(unet_params, vae_params, pixels, cond, guidance, hook_args, *, unet_config, vae_config, scheduler,
             num_steps, dtype, hooks, vae_dtype):
-  """Encodes [B, H, W, 3] and inverts it; returns (latents [B, S+1, ...], features [B, S, ...]) in inversion order."""
+  """Encodes [B, H, W, 3] and inverts it; returns (latents [B, S+1, ...], features [B, S, ...]) in inversion
+  order, and the cond rows' text cross-attention maps [B, r, r, T] averaged over layers and steps."""
   state = scheduler.set_timesteps(num_steps)
   z0 = vae.encode(vae_params, pixels.astype(vae_dtype), config=vae_config, dtype=vae_dtype).astype(jnp.float32)
 
@@ -119,11 +125,11 @@ def _invert(unet_params, vae_params, pixels, cond, guidance, hook_args, *, unet_
     eps = eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0])
     z_next = scheduler.invert_step(state, i, z, eps)
     feat = aux["up_blocks.0"].reshape((-1, 2) + aux["up_blocks.0"].shape[1:])[:, 1]  # cond half
-    return z_next, (z_next, feat)
+    return z_next, (z_next, feat, concept_mask.aggregate_layers(aux))
 
-  _, (zs, feats) = jax.lax.scan(body, z0, jnp.arange(num_steps))
+  _, (zs, feats, attn) = jax.lax.scan(body, z0, jnp.arange(num_steps))
   latents = jnp.concatenate([z0[None], zs], axis=0)  # [S+1, B, ...], inversion order
-  return jnp.moveaxis(latents, 0, 1), jnp.moveaxis(feats, 0, 1)
+  return jnp.moveaxis(latents, 0, 1), jnp.moveaxis(feats, 0, 1), attn.mean(axis=0)
 
 
 def inversion_conditioning(models: SDXLModels, adapter: ip_adapter.IPAdapter, ref_prompts: list[str],
@@ -154,14 +160,15 @@ def invert_reference(models: SDXLModels, adapter: ip_adapter.IPAdapter, referenc
   cond, ip_args = inversion_conditioning(models, adapter, [ref_prompt], [image], options)
   pixels = jnp.asarray(reference_pixels(image, options.size))[None]
   sched = kadiff_scheduler()
-  latents, feats = _invert(
+  latents, feats, attn = _invert(
       models.unet_params, models.vae_params, pixels, cond, jnp.float32(options.inversion_guidance),
       {"ip_adapter": ip_args}, unet_config=models.unet_config, vae_config=models.vae_config, scheduler=sched,
       num_steps=options.steps, dtype=jax.tree_util.tree_leaves(models.unet_params)[0].dtype,
-      hooks=(ip_adapter.IPAdapterAttention(upcast=models.unet_config.upcast_attention),),
+      hooks=(ip_adapter.IPAdapterAttention(upcast=models.unet_config.upcast_attention),
+             concept_mask.CrossAttentionMaps(concept_mask.mask_selector(options.mask_layers))),
       vae_dtype=jax.tree_util.tree_leaves(models.vae_params)[0].dtype)
   timesteps = np.asarray(sched.set_timesteps(options.steps).timesteps)
   # inversion order -> denoising order: latents reversed; the feature captured at inversion call k
   # (timestep t_{S-1-k}) belongs to denoising step S-1-k.
   return ReferenceCache(np.asarray(latents[0])[::-1].copy(), np.asarray(feats[0])[::-1].copy(), timesteps,
-                        cache_manifest(models, adapter, sha, ref_prompt, options))
+                        cache_manifest(models, adapter, sha, ref_prompt, options), np.asarray(attn[0]))

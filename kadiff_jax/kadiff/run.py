@@ -2,7 +2,8 @@
 
 For each query: retrieve (optionally expand and re-rank) a reference entry,
 derive its `ref_prompt` (the entry's caption, else "a photo of TITLE"), take
-the user's mask if one is given, then invert and generate with the KA-Diff
+the user's mask if one is given (or derive one from the reference's
+cross-attention with mask "auto"), then invert and generate with the KA-Diff
 job runner, which writes ours / baseline / the side-by-side grid. Every
 decision (candidates and scores, re-ranking, chosen entry, ref_prompt and
 mask source, options, seed) goes into `{id}.json`, written atomically.
@@ -31,7 +32,7 @@ class Query:
   prompt: str               # what to generate
   concept: str              # what to retrieve (defaults to the prompt)
   seed: int = 0
-  mask: str | None = None   # a user mask for whichever reference is chosen
+  mask: str | None = None   # a user mask for whichever reference is chosen, or "auto"
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -58,7 +59,7 @@ def read_queries(path: str | os.PathLike) -> list[Query]:
     if unknown or not row.get("prompt"):
       raise ValueError(f"{path}:{n}: expected 'prompt' and optional id, concept, seed, mask; got {sorted(row)}")
     mask = row.get("mask")
-    if mask and not Path(mask).is_absolute():
+    if mask and mask != "auto" and not Path(mask).is_absolute():
       mask = str(path.parent / mask)
     q = Query(id=str(row.get("id") or f"{n:04d}_{slug(row['prompt'])}"), prompt=row["prompt"],
               concept=row.get("concept") or row["prompt"], seed=int(row.get("seed") or 0), mask=mask)
@@ -113,18 +114,25 @@ def run(models, adapter, retriever, queries: Sequence[Query], options, out_dir: 
     record.update(status="done", weak_match=top < min_score,
                   chosen={"id": entry.id, "title": entry.title, "image": entry.image, "score": r.chosen.score},
                   ref_prompt=ref_prompt, ref_prompt_source=source,
-                  mask={"source": "user", "path": q.mask} if q.mask else {"source": "none"},
+                  mask=({"source": "auto"} if q.mask == kjobs.AUTO_MASK else {"source": "user", "path": q.mask})
+                  if q.mask else {"source": "none"},
                   outputs={"ours": f"{q.id}.png", "grid": f"{q.id}_grid.png",
                            **({"baseline": f"{q.id}_baseline.png"} if baseline else {})})
     records[q.id] = record
     jobs.append(kjobs.Job(q.id, q.prompt, entry.image, ref_prompt, q.mask, q.seed))
   done = kjobs.run(models, adapter, jobs, options, out_dir, cache_dir=cache_dir, baseline=baseline,
-                   batch_size=batch_size, progress=progress) if jobs else []
+                   batch_size=batch_size, progress=progress) if jobs else {}
   if sharding.is_writer():
     resolved = dataclasses.asdict(options.for_model(models))
     for q in queries:
       rec = records[q.id]
       if rec["status"] == "done":
+        if q.id in done:
+          rec["mask"] = done[q.id]["mask"]
+        elif (out_dir / f"{q.id}.json").is_file():  # resumed: keep what the finished run recorded
+          rec["mask"] = json.loads((out_dir / f"{q.id}.json").read_text()).get("mask", rec["mask"])
+        if rec["mask"]["source"] == "auto":
+          rec["outputs"]["mask"] = f"{q.id}_mask.png"
         rec.update(options=resolved, model=str(models.source), ip_adapter=str(adapter.source))
       _write_json(out_dir / f"{q.id}.json", rec)
   return {"queries": len(queries), "generated": len(done), "already_done": len(jobs) - len(done),

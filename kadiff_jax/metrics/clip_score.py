@@ -9,7 +9,6 @@ CLIPImageProcessor does; prompts are tokenised to 77 tokens with truncation.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kadiff_jax.models import clip_text, clip_vision
+from kadiff_jax.metrics import rgb_images
 from kadiff_jax.weights import convert, files
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -55,11 +55,12 @@ class CLIPScorer:
     self._image = jax.jit(lambda p, px: _unit(clip_vision.encode(p, px, config=vc).image_embeds))
 
   def pixels(self, images) -> np.ndarray:
+    """Paths, PIL images or uint8 arrays -> [N, size, size, 3] CLIP pixels."""
     s = self.vision_config.image_size
-    return np.stack([clip_vision.preprocess(im, s) for im in images])
+    return np.stack([clip_vision.preprocess(im, s) for im in rgb_images(images, "CLIP")])
 
   def image_embeds(self, images) -> np.ndarray:
-    """RGB PIL images -> unit [N, projection_dim]."""
+    """Images (paths, PIL or uint8 arrays) -> unit [N, projection_dim]."""
     return np.asarray(self._image(self.vision_params, self.pixels(images)))
 
   def text_embeds(self, prompts: Sequence[str]) -> np.ndarray:

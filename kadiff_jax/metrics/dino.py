@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kadiff_jax.metrics import rgb_images
 from kadiff_jax.models import clip_vision, vit
 from kadiff_jax.weights import convert, files
 
@@ -28,11 +29,12 @@ class DINOScorer:
     self._cls = jax.jit(lambda p, px: vit.encode(p, px, config=cfg)[:, 0].astype(jnp.float32))
 
   def pixels(self, images) -> np.ndarray:
+    """Paths, PIL images or uint8 arrays -> [N, 224, 224, 3] DINO pixels."""
     return np.stack([clip_vision.preprocess(im, self.resize, vit.IMAGENET_MEAN, vit.IMAGENET_STD,
-                                            crop=self.config.image_size) for im in images])
+                                            crop=self.config.image_size) for im in rgb_images(images, "DINO")])
 
   def features(self, images) -> np.ndarray:
-    """RGB PIL images -> unit-norm CLS features [N, D]."""
+    """Images (paths, PIL or uint8 arrays) -> unit-norm CLS features [N, D]."""
     f = np.asarray(self._cls(self.params, self.pixels(images)))
     return f / np.linalg.norm(f, axis=-1, keepdims=True)
 

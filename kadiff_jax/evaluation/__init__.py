@@ -1,0 +1,1 @@
+"""Evaluation runners over published datasets (DreamBooth)."""

@@ -1,0 +1,186 @@
+"""Automatic concept masks: attention capture against diffusers, token alignment, Otsu, and the job path."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor
+
+from conftest import max_rel_err, nchw, nhwc
+from kadiff_jax import image_io
+from kadiff_jax.kadiff import concept_mask as CM
+from kadiff_jax.kadiff import jobs as kjobs
+from kadiff_jax.kadiff import reference as R
+from kadiff_jax.kadiff.options import KADiffOptions
+from kadiff_jax.models import unet
+from kadiff_jax.models.attention import LayerSelector
+from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
+from kadiff_jax.weights.ip_adapter import load_ip_adapter
+from test_unet import _inputs, _torch_unet
+
+
+class _Recorder(AttnProcessor):
+  """diffusers' plain processor that also keeps the head-mean attention probabilities."""
+
+  def __init__(self, store, name):
+    super().__init__()
+    self.store, self.name = store, name
+
+  def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+    q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+    k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+    probs = attn.get_attention_scores(q, k, None)  # [B * heads, Lq, T]
+    b = hidden_states.shape[0]
+    self.store[self.name] = probs.reshape(b, attn.heads, *probs.shape[1:]).mean(1).numpy()
+    return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def test_cross_attention_maps_match_diffusers_and_leave_output_unchanged():
+  cfg = unet.tiny_sdxl()
+  tm, params = _torch_unet(cfg)
+  x, ehs, te, tid = _inputs(cfg, batch=2, size=8, seq=7)
+  store: dict = {}
+  procs = {name: (_Recorder(store, name[:-len(".processor")]) if ".attn2." in name else AttnProcessor())
+           for name in tm.attn_processors}
+  tm.set_attn_processor(procs)
+  t = np.array([500.0, 500.0], np.float32)
+  with torch.no_grad():
+    ref = tm(torch.tensor(x), torch.tensor(t), torch.tensor(ehs),
+             added_cond_kwargs={"text_embeds": torch.tensor(te), "time_ids": torch.tensor(tid)}).sample.numpy()
+  cond = unet.UNetCond(jnp.asarray(ehs), jnp.asarray(te), jnp.asarray(tid))
+  hook = CM.CrossAttentionMaps(CM.mask_selector("*"))
+  plain, _ = unet.apply(params, jnp.asarray(nhwc(x)), jnp.asarray(t), cond, config=cfg)
+  out, aux = unet.apply(params, jnp.asarray(nhwc(x)), jnp.asarray(t), cond, config=cfg, hooks=(hook,))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))  # capture changes nothing
+  assert max_rel_err(nchw(out), ref) < 1e-4
+  maps = {k.split("/")[0]: v for k, v in aux.items() if k.endswith("cross_attention_maps.probs")}
+  assert set(maps) == set(store) and len(maps) == sum(s.kind == "cross" for s in unet.attention_sites(cfg).values())
+  for path, ours in maps.items():
+    want = store[path][1::2]  # the hook reports the cond row of each [uncond, cond] pair
+    assert ours.shape[0] == 1 and ours.shape[1] * ours.shape[2] == want.shape[1]
+    np.testing.assert_allclose(np.asarray(ours).reshape(want.shape), want, atol=2e-6)
+  agg = np.asarray(CM.aggregate_layers(aux))
+  assert agg.shape == (1, 4, 4, 7)
+  np.testing.assert_allclose(agg.sum(-1), 1.0, atol=1e-5)  # bilinear resizing keeps each pixel a distribution
+  with pytest.raises(ValueError, match="matches no attn2 layer"):
+    CM.aggregate_layers({})
+
+
+def test_subject_positions(tiny_models):
+  tok = tiny_models.tokenizer
+  prompt = "A photo of a corgi dog, on the beach"
+  ids = tok(prompt)["input_ids"]
+  positions, words = CM.subject_positions(tok, prompt)
+  assert words == ["corgi", "dog", "beach"]
+  want = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
+  assert [ids[p] for p in positions] == [t for w in want for t in w]
+  positions, words = CM.subject_positions(tok, prompt, ["Dog"])
+  assert words == ["dog"] and [ids[p] for p in positions] == want[1]
+  with pytest.raises(ValueError, match=r"mask words \['cat'\] do not occur"):
+    CM.subject_positions(tok, prompt, ["cat"])
+  with pytest.raises(ValueError, match="no subject word"):
+    CM.subject_positions(tok, "a photo of the")
+  long = "a photo of " + "red " * 100 + "dog"  # the subject word falls past the 77-token context
+  positions, words = CM.subject_positions(tok, long)
+  assert words == ["red"] and max(positions) <= 75
+
+
+def _otsu_brute_force(values, bins=256):
+  """Between-class variance for every histogram split, computed directly from the values."""
+  edges = np.linspace(0, 1, bins + 1)
+  centres = (np.floor(np.clip(values, 0, 1 - 1e-12) * bins) + 0.5) / bins  # each value at its bin centre
+  best, best_t = -1.0, None
+  for t in edges[1:-1]:
+    lo, hi = centres[centres < t], centres[centres >= t]
+    if len(lo) == 0 or len(hi) == 0:
+      continue
+    w0, w1 = len(lo) / len(centres), len(hi) / len(centres)
+    v = w0 * w1 * (lo.mean() - hi.mean()) ** 2
+    if v > best + 1e-15:
+      best, best_t = v, t
+  return best_t
+
+
+def test_otsu_threshold_matches_brute_force():
+  rng = np.random.default_rng(0)
+  for k in range(5):
+    a = np.concatenate([rng.normal(0.2 + 0.05 * k, 0.05, 500), rng.normal(0.7, 0.08, 300 + 100 * k)]).clip(0, 1)
+    assert CM.otsu_threshold(a) == pytest.approx(_otsu_brute_force(a), abs=1e-12)
+    assert 0.3 < CM.otsu_threshold(a) < 0.65
+
+
+def test_concept_mask_from_a_synthetic_attention_map(tiny_models):
+  tok = tiny_models.tokenizer
+  prompt = "a photo of a dog"
+  (pos,), _ = CM.subject_positions(tok, prompt)
+  attn = np.full((8, 8, 77), 0.01, np.float32)
+  attn[2:6, 1:4, pos] = 0.5  # the subject token attends to a block
+  cm = CM.concept_mask(attn, tok, prompt, 64)
+  assert cm.mask.shape == (64, 64) and cm.heatmap.min() >= 0 and cm.heatmap.max() <= 1
+  assert cm.mask[16:48, 8:32].mean() > 0.9 and cm.mask[:, 40:].sum() == 0  # the block, upsampled
+  assert cm.record()["words"] == ["dog"] and cm.record()["source"] == "auto"
+  fixed = CM.concept_mask(attn, tok, prompt, 64, threshold=0.99)
+  assert fixed.mask.sum() < cm.mask.sum()
+  flat = CM.concept_mask(np.full((8, 8, 77), 0.01, np.float32), tok, prompt, 64)
+  assert flat.mask.all()  # no structure: the whole reference, with a warning
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_dir, tiny_models):
+  return load_ip_adapter(tiny_dir / TINY_IP_ADAPTER, tiny_dir / TINY_IMAGE_ENCODER, tiny_models.unet_config)
+
+
+def test_auto_mask_from_inversion_is_deterministic_and_user_mask_wins(tmp_path, tiny_models, adapter):
+  ref = tmp_path / "ref.png"
+  rng = np.random.default_rng(3)
+  image_io.write_png(ref, rng.integers(0, 256, (72, 96, 3)).astype(np.uint8))
+  opts = KADiffOptions(steps=4).for_model(tiny_models)
+  a = R.invert_reference(tiny_models, adapter, str(ref), "a photo of a dog", opts)
+  b = R.invert_reference(tiny_models, adapter, str(ref), "a photo of a dog", opts)
+  np.testing.assert_array_equal(a.cross_attention, b.cross_attention)
+  assert a.cross_attention.shape == (4, 4, 77)  # the largest attn2 grid of the 64 px tiny model
+  np.testing.assert_allclose(a.cross_attention.sum(-1), 1.0, atol=1e-5)
+  only_up = R.invert_reference(tiny_models, adapter, str(ref), "a photo of a dog",
+                               KADiffOptions(steps=4, mask_layers="up_blocks.*").for_model(tiny_models))
+  assert not np.allclose(only_up.cross_attention, a.cross_attention)
+  np.testing.assert_array_equal(only_up.latents, a.latents)  # capture never changes the inversion
+  # the cache keeps the maps, and the mask layer selection is part of what a cache is checked against
+  a.save(tmp_path / "c")
+  np.testing.assert_array_equal(R.load_cache(tmp_path / "c").cross_attention, a.cross_attention)
+  with pytest.raises(ValueError, match="mask_layers"):
+    R.load_cache(tmp_path / "c", only_up.manifest)
+
+  auto = kjobs.Job("j", "a dog", str(ref), "a photo of a dog", kjobs.AUTO_MASK)
+  m1, rec1 = kjobs.job_mask(auto, a, tiny_models.tokenizer, opts)
+  m2, _ = kjobs.job_mask(auto, b, tiny_models.tokenizer, opts)
+  np.testing.assert_array_equal(m1, m2)
+  assert m1.shape == (64, 64) and m1.dtype == bool and 0 < m1.mean() < 1
+  assert rec1["source"] == "auto" and rec1["words"] == ["dog"]
+  user = tmp_path / "user.png"
+  image_io.write_png(user, np.zeros((64, 64, 3), np.uint8) + np.uint8(255))
+  m3, rec3 = kjobs.job_mask(kjobs.Job("j", "a dog", str(ref), "a photo of a dog", str(user)), a,
+                            tiny_models.tokenizer, opts)
+  assert m3.all() and rec3 == {"source": "user", "path": str(user)}
+  old = R.ReferenceCache(a.latents, a.features, a.timesteps, a.manifest)  # a version-1 cache has no maps
+  with pytest.raises(ValueError, match="cross-attention maps"):
+    kjobs.job_mask(auto, old, tiny_models.tokenizer, opts)
+
+
+def test_generate_cli_with_auto_mask_writes_and_records_it(tmp_path, tiny_dir):
+  from kadiff_jax import cli
+  ref = tmp_path / "ref.png"
+  image_io.write_png(ref, np.random.default_rng(4).integers(0, 256, (64, 64, 3)).astype(np.uint8))
+  out = tmp_path / "out"
+  argv = ["generate", "--model", str(tiny_dir), "--mode", "kadiff", "--reference", str(ref), "--ref-prompt",
+          "a photo of a dog", "--prompt", "a dog in the snow", "--mask", "auto", "--steps", "4",
+          "--inject-layers", "up_blocks.*", "--no-baseline", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+  assert cli.main(argv) == 0
+  mask = np.asarray(image_io.load_rgb(out / "seed0_0000_mask.png"))
+  assert mask.shape == (64, 64, 3) and set(np.unique(mask)) <= {0, 255}
+  meta = image_io.read_png_metadata(out / "seed0_0000.png")
+  assert json.loads(meta["mask_source"])["source"] == "auto"
+  assert cli.main(argv[:-4] + ["--mask-threshold", "2", "--out", str(out)]) == 2
