@@ -29,7 +29,7 @@ def _kadiff_options(args):
             inject_steps=steps, threshold=args.threshold, use_init_latents=args.use_init_latents,
             mode=getattr(args, "mode", None) or "kadiff", size=args.height,
             mask_words=tuple(w.strip() for w in args.mask_words.split(",") if w.strip()) if args.mask_words else None,
-            mask_threshold=_mask_threshold(args.mask_threshold))
+            mask_threshold=_mask_threshold(args.mask_threshold), mask_layers=args.mask_layers)
   if args.negative_prompt is not None:
     kw["negative_prompt"] = args.negative_prompt
   if args.height is not None and args.width not in (None, args.height):
@@ -62,6 +62,8 @@ def _add_mask_args(p, help_mask: str | None) -> None:
   p.add_argument("--mask-words", default=None,
                  help="with --mask auto: comma-separated subject words of the ref_prompt (default: its content words)")
   p.add_argument("--mask-threshold", default="otsu", help="with --mask auto: 'otsu' or a fraction in [0, 1]")
+  p.add_argument("--mask-layers", default="*", help="with --mask auto: cross-attention layers whose maps are "
+                 "averaged (numbers and/or module-path globs; default all)")
 
 
 def _adapter_for(args, models, cache_dir):
@@ -168,6 +170,7 @@ def _mask(args) -> None:
   image_io.load_rgb(args.reference)
   _check_mask(args.compare)
   models, adapter, options, cache_dir = _load_kadiff(args)
+  options = options.for_model(models)
   job = kjobs.Job("mask", "", args.reference, args.ref_prompt, kjobs.AUTO_MASK)
   cache = kjobs.reference_cache(models, adapter, job, options, cache_dir / "references")
   m, record = kjobs.job_mask(job, cache, models.tokenizer, options)

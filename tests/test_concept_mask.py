@@ -184,3 +184,24 @@ def test_generate_cli_with_auto_mask_writes_and_records_it(tmp_path, tiny_dir):
   meta = image_io.read_png_metadata(out / "seed0_0000.png")
   assert json.loads(meta["mask_source"])["source"] == "auto"
   assert cli.main(argv[:-4] + ["--mask-threshold", "2", "--out", str(out)]) == 2
+
+
+def test_mask_cli_writes_mask_heatmap_and_iou(tmp_path, tiny_dir, capsys):
+  from kadiff_jax import cli
+  ref = tmp_path / "ref.png"
+  image_io.write_png(ref, np.random.default_rng(6).integers(0, 256, (64, 64, 3)).astype(np.uint8))
+  truth = np.zeros((64, 64, 3), np.uint8)
+  truth[10:50, 5:40] = 255
+  image_io.write_png(tmp_path / "truth.png", truth)
+  argv = ["mask", "--model", str(tiny_dir), "--reference", str(ref), "--ref-prompt", "a photo of a dog", "--steps", "4",
+          "--out", str(tmp_path / "m.png"), "--compare", str(tmp_path / "truth.png"), "--cache-dir", str(tmp_path / "c")]
+  capsys.readouterr()
+  assert cli.main(argv) == 0
+  rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  mask = np.asarray(image_io.load_rgb(tmp_path / "m.png"))[..., 0] > 127
+  t = truth[..., 0] > 127
+  assert rec["iou"] == pytest.approx((mask & t).sum() / (mask | t).sum(), abs=1e-6)
+  assert rec["foreground_fraction"] == pytest.approx(mask.mean(), abs=1e-6)
+  assert np.asarray(image_io.load_rgb(tmp_path / "m_heatmap.png")).shape == (64, 64, 3)
+  assert cli.main(argv[:-2] + ["--mask-words", "cat"]) == 2
+  assert "do not occur in ref_prompt" in capsys.readouterr().err

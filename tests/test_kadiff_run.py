@@ -22,7 +22,7 @@ def test_run_retrieves_generates_and_records(tmp_path, tiny_dir, capsys):
   queries.write_text("\n".join([
       json.dumps({"id": "chow", "prompt": "a chow chow in the snow", "seed": 3}),
       json.dumps({"id": "nothing", "prompt": "quantum chromodynamics lecture notes"}),
-      "a rubber duck on the beach"]))
+      json.dumps({"prompt": "a rubber duck on the beach", "mask": "auto"})]))
   argv = ["run", "--index", str(idx), "--queries", str(queries), "--model", str(tiny_dir), "--steps", "3",
           "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), "--min-score", "0.3"]
   capsys.readouterr()
@@ -33,7 +33,7 @@ def test_run_retrieves_generates_and_records(tmp_path, tiny_dir, capsys):
   assert sorted(p.name for p in out.iterdir()) == sorted(
       [f"{i}{s}" for i in ("chow", "0003_a_rubber_duck_on_the_beach") for s in (".png", "_baseline.png",
                                                                              "_grid.png", ".json")]
-      + ["nothing.json"])
+      + ["nothing.json", "0003_a_rubber_duck_on_the_beach_mask.png"])
 
   rec = json.loads((out / "chow.json").read_text())
   assert rec["status"] == "done" and rec["chosen"]["id"] == "dog2" and rec["seed"] == 3
@@ -46,15 +46,18 @@ def test_run_retrieves_generates_and_records(tmp_path, tiny_dir, capsys):
   assert grid.shape == (64, 3 * 64, 3)  # reference | baseline | ours
   duck = json.loads((out / "0003_a_rubber_duck_on_the_beach.json").read_text())
   assert duck["chosen"]["id"] == "duck_toy"
+  assert duck["mask"]["source"] == "auto" and duck["mask"]["words"] and 0 < duck["mask"]["foreground_fraction"] < 1
+  assert duck["outputs"]["mask"] == "0003_a_rubber_duck_on_the_beach_mask.png"
+  assert set(duck["mask"]["words"]) <= set(duck["ref_prompt"].lower().replace(".", " ").split())
   none = json.loads((out / "nothing.json").read_text())
   assert none["status"] == "no_match" and "under min_score 0.3" in none["reason"]
   assert none["retrieval"]["results"][0]["score"] < 0.3
 
   # A rerun finds everything done; records are rewritten identically (atomically).
-  before = (out / "chow.json").read_text()
+  before = [(out / n).read_text() for n in ("chow.json", "0003_a_rubber_duck_on_the_beach.json")]
   assert cli.main(argv) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["already_done"] == 2
-  assert (out / "chow.json").read_text() == before
+  assert [(out / n).read_text() for n in ("chow.json", "0003_a_rubber_duck_on_the_beach.json")] == before
   assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
