@@ -71,6 +71,29 @@ def test_matches_spec_loop(r, kind):
     assert len(kept) < mask.sum() // ((256 // r) ** 2)  # sources really did collide on targets
 
 
+@pytest.mark.parametrize("kind", ["random", "ties", "empty", "full"])
+def test_chunked_forward_match_equals_whole_matrix(kind):
+  rng = np.random.default_rng(7)
+  f_ref = rng.standard_normal((32, 32, 16)).astype(np.float32)
+  f_gen = rng.standard_normal((32, 32, 16)).astype(np.float32)
+  if kind == "ties":  # few distinct vectors: many exactly equal distances
+    f_ref = np.eye(16, dtype=np.float32)[rng.integers(0, 3, (32, 32))]
+    f_gen = np.eye(16, dtype=np.float32)[rng.integers(0, 3, (32, 32))]
+  mask = np.zeros((128, 128), bool)
+  if kind in ("random", "ties"):
+    mask[10:90, 30:120] = True
+    mask[100:, :20] = True
+  elif kind == "full":
+    mask[:] = True
+  whole = dift_correspondence(f_ref, f_gen, mask, 32, chunk=None)
+  for chunk in (64, 100, 1023):
+    got = dift_correspondence(f_ref, f_gen, mask, 32, chunk=chunk)
+    np.testing.assert_array_equal(np.asarray(got.inject), np.asarray(whole.inject))
+    np.testing.assert_array_equal(np.asarray(got.source), np.asarray(whole.source))
+    np.testing.assert_allclose(np.asarray(got.distance), np.asarray(whole.distance), rtol=0, atol=1e-6)
+  assert np.asarray(whole.inject).any() == (kind != "empty")
+
+
 def test_resampling_matches_torch():
   x = np.random.default_rng(0).standard_normal((64, 48, 5)).astype(np.float32)
   for size in (32, 20, 64, 100):
