@@ -17,7 +17,6 @@ from kadiff_jax.kadiff import jobs as kjobs
 from kadiff_jax.kadiff import reference as R
 from kadiff_jax.kadiff.options import KADiffOptions
 from kadiff_jax.models import unet
-from kadiff_jax.models.attention import LayerSelector
 from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
 from kadiff_jax.weights.ip_adapter import load_ip_adapter
 from test_unet import _inputs, _torch_unet

@@ -81,6 +81,7 @@ def test_evaluate_dreambooth_end_to_end_and_resume(tmp_path, tiny_dir, tiny_clip
   clip, dino = CLIPScorer(str(tiny_clip[0])), DINOScorer(str(tiny_dino[0]))
   assert float(r["clip_t"]) == pytest.approx(float(clip.clip_t([out / r["image"]], [item.prompt])[0]), abs=1e-5)
   assert float(r["dino"]) == pytest.approx(float(dino.score([out / r["image"]], [item.reference])[0]), abs=1e-5)
+  assert float(r["clip_i"]) == pytest.approx(float(clip.clip_i([out / r["image"]], [item.reference])[0]), abs=1e-5)
   # the three methods differ (injection and mutual attention change the image)
   ours, base, masa = (np.asarray(image_io.load_rgb(db.image_path(out, m, "dog-p00-s0"))) for m in db.METHODS)
   assert not np.array_equal(ours, base) and not np.array_equal(ours, masa)

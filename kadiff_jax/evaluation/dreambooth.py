@@ -19,14 +19,13 @@ reference image.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from pathlib import Path
 from typing import Sequence
 
-from kadiff_jax.kadiff import jobs as kjobs
+import numpy as np
 
-log = logging.getLogger(__name__)
+from kadiff_jax.kadiff import jobs as kjobs
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = frozenset({"cat", "dog"})
@@ -179,13 +178,17 @@ def score(items: Sequence[Item], out_dir: str | Path, clip, dino, methods: Seque
   missing = [str(image_path(out_dir, m, it.id)) for it, m in pairs if not image_path(out_dir, m, it.id).is_file()]
   if missing:
     raise FileNotFoundError(f"{len(missing)} generated image(s) are missing, e.g. {missing[0]}; run generation first")
+  # each image and each reference is embedded once (CLIP-T and CLIP-I share the image's CLIP embedding)
+  refs = sorted({it.reference for it in items})
+  ref_clip = dict(zip(refs, clip.image_embeds(refs)))
+  ref_dino = dict(zip(refs, dino.features(refs)))
   for start in range(0, len(pairs), batch):
     chunk = pairs[start:start + batch]
     images = [image_path(out_dir, m, it.id) for it, m in chunk]
-    refs = [it.reference for it, _ in chunk]
-    clip_t = clip.clip_t(images, [it.prompt for it, _ in chunk])
-    clip_i = clip.clip_i(images, refs)
-    dino_s = dino.score(images, refs)
+    g_clip, g_dino = clip.image_embeds(images), dino.features(images)
+    clip_t = clip.clip_t_from_embeds(g_clip, clip.text_embeds([it.prompt for it, _ in chunk]))
+    clip_i = (g_clip * np.stack([ref_clip[it.reference] for it, _ in chunk])).sum(-1)
+    dino_s = (g_dino * np.stack([ref_dino[it.reference] for it, _ in chunk])).sum(-1)
     for k, (it, m) in enumerate(chunk):
       rows.append({**dataclasses.asdict(it), "method": m, "image": str(images[k].relative_to(out_dir)),
                    "clip_t": float(clip_t[k]), "clip_i": float(clip_i[k]), "dino": float(dino_s[k])})

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kadiff_jax.kadiff.correspondence import resize_bilinear
 from kadiff_jax.models.attention import AttentionCall, AttentionSite, LayerSelector, parse_layers
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,6 @@ def mask_selector(spec: str) -> LayerSelector:
 
 def aggregate_layers(aux: dict[str, jax.Array]) -> jax.Array:
   """Mean over the reported layers of their maps resized to the largest one: [B, r, r, T]."""
-  from kadiff_jax.kadiff.correspondence import resize_bilinear
-
   maps = [v for key, v in sorted(aux.items()) if key.endswith(f"/{CrossAttentionMaps.name}.probs")]
   if not maps:
     raise ValueError("no cross-attention maps were reported: the mask layer selection matches no attn2 layer")
@@ -139,8 +138,6 @@ class ConceptMask:
 
 def concept_heatmap(cross_attention: np.ndarray, positions: Sequence[int], size: int) -> np.ndarray:
   """Subject tokens' summed map, normalised to [0, 1] and resized to size x size: [size, size]."""
-  from kadiff_jax.kadiff.correspondence import resize_bilinear
-
   m = np.asarray(cross_attention, np.float64)[..., list(positions)].sum(-1)
   lo, hi = m.min(), m.max()
   m = (m - lo) / (hi - lo) if hi > lo else np.ones_like(m)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import numpy as np
 from PIL import Image
+
+from kadiff_jax import image_io
 
 
 def rgb_images(images: Sequence, metric: str) -> list[Image.Image]:
   """Paths, PIL images or uint8 arrays -> RGB PIL images; an unreadable one is named in a ValueError."""
-  import numpy as np
-
-  from kadiff_jax import image_io
   out = []
   for i, im in enumerate(images):
     if isinstance(im, np.ndarray):

@@ -72,8 +72,12 @@ class CLIPScorer:
     """[N] = 2.5 * max(cos(image_i, prompt_i), 0)."""
     if len(images) != len(prompts):
       raise ValueError(f"CLIP-T: {len(images)} images but {len(prompts)} prompts")
-    cos = (self.image_embeds(images) * self.text_embeds(prompts)).sum(-1)
-    return 2.5 * np.maximum(cos, 0.0)
+    return self.clip_t_from_embeds(self.image_embeds(images), self.text_embeds(prompts))
+
+  @staticmethod
+  def clip_t_from_embeds(image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+    """CLIP-T of unit embeddings already computed: [N] = 2.5 * max(cos, 0)."""
+    return 2.5 * np.maximum((image_embeds * text_embeds).sum(-1), 0.0)
 
   def clip_i(self, images, references) -> np.ndarray:
     """[N] = cos(image_i, reference_i)."""
