@@ -80,3 +80,13 @@ def tiny_dino(tmp_path_factory):
                              image_size=224, patch_size=16), add_pooling_layer=True).eval()
   model.save_pretrained(folder)
   return folder, model
+
+
+def pytest_collection_modifyitems(config, items):
+  """`slow` tests (multi-process, sharded and long end-to-end runs) run only with KADIFF_SLOW=1."""
+  if os.environ.get("KADIFF_SLOW") == "1":
+    return
+  skip = pytest.mark.skip(reason="slow: set KADIFF_SLOW=1 to run")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
