@@ -6,10 +6,27 @@ devices under `jax.distributed`); params are replicated. Models never see it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kadiff_jax.config import option
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedOptions:
+  """A multi-process run: start the same command on every host (TPU pods and SLURM need only num_processes)."""
+
+  coordinator: str | None = option(None, "multi-process run: coordinator HOST:PORT (jax.distributed)")
+  num_processes: int | None = option(None, "multi-process run: number of processes")
+  process_id: int | None = option(None, "multi-process run: this process's index")
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.coordinator or self.num_processes)
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -36,6 +53,25 @@ def pad_rows(rows, n: int, padded: int, per_item: int = 1):
   if padded == n:
     return rows
   return jnp.concatenate([rows] + [rows[-per_item:]] * (padded - n))
+
+
+def shard_jobs(tree, mesh: Mesh, n: int, rows_per_job: int = 1):
+  """Pads every leaf (leading axis: n jobs of `rows_per_job` rows each) to whole jobs for the mesh, placed."""
+  padded = padded_size(n, mesh)
+  return shard_batch(jax.tree_util.tree_map(lambda a: pad_rows(jnp.asarray(a), n, padded, rows_per_job), tree),
+                     mesh)
+
+
+def place_hook_inputs(hook_args: dict, mesh: Mesh, n: int, rows_per_job: int) -> dict:
+  """Hook inputs on the mesh: `HookInputs.params` replicated, `.rows` padded and split with the batch."""
+  from kadiff_jax.models.attention import HookInputs
+  out = {}
+  for name, value in hook_args.items():
+    if not isinstance(value, HookInputs):
+      raise TypeError(f"hook_args[{name!r}] is a {type(value).__name__}; inputs placed with the batch must be "
+                      "HookInputs(params, rows)")
+    out[name] = HookInputs(replicate(value.params, mesh), shard_jobs(value.rows, mesh, n, rows_per_job))
+  return out
 
 
 def _place(tree, target: NamedSharding):

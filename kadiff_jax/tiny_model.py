@@ -134,7 +134,7 @@ def write_tiny_ip_adapter(folder: Path, ucfg: unet.UNetConfig, seed: int = 0) ->
   pcfg = tiny_resampler(ucfg, ecfg)
   rng = np.random.default_rng([seed, 11])
   cross = ucfg.cross_attention_dim[0]
-  layers = {s.path: {n: (rng.standard_normal((cross, unet.site_channels(ucfg, s.path))) / np.sqrt(cross))
+  layers = {s.path: {n: (rng.standard_normal((cross, s.channels)) / np.sqrt(cross))
                      .astype(np.float32) for n in ("to_k_ip", "to_v_ip")}
             for s in unet.attention_sites(ucfg).values() if s.kind == "cross"}
   adapter = IPAdapter(ecfg, None, pcfg, random_params(image_proj.init_shapes(pcfg), [seed, 12]), layers)

@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+from kadiff_jax import cli_args
+
 log = logging.getLogger(__name__)
 
 
@@ -153,7 +155,8 @@ def add_parser(sub) -> None:
   b.add_argument("--leaves-to-search", type=int, default=None)
   b.add_argument("--reorder", type=int, default=None)
   add_web_args(b)
-  b.set_defaults(func=_build)
+  cli_args.add_config_arg(b)
+  cli_args.leaf(b, ("retrieve", "build"), _build)
 
   for name, fn, hlp in (("query", _query, "the reference for one query"),
                         ("evaluate", _evaluate, "top-1 / top-k accuracy on a query set; JSON on the last line")):
@@ -172,15 +175,16 @@ def add_parser(sub) -> None:
     q.add_argument("--embedder", default=None, help="default: the one the index was built with")
     q.add_argument("--backend", choices=["scann", "exact"], default=None, help="default: the saved one")
     add_web_args(q)
-    q.set_defaults(func=fn)
+    cli_args.add_config_arg(q)
+    cli_args.leaf(q, ("retrieve", name), fn)
 
   u = rs.add_parser("upsert", help="add or replace entries (same id) in an index")
   u.add_argument("--index", required=True)
   u.add_argument("--corpus", required=True)
   u.add_argument("--embedder", default=None)
   u.add_argument("--skip-invalid", action="store_true")
-  u.set_defaults(func=_upsert)
+  cli_args.leaf(u, ("retrieve", "upsert"), _upsert)
   d = rs.add_parser("delete", help="remove entries by id")
   d.add_argument("--index", required=True)
   d.add_argument("ids", nargs="+")
-  d.set_defaults(func=_delete)
+  cli_args.leaf(d, ("retrieve", "delete"), _delete)

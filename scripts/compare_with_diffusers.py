@@ -32,6 +32,7 @@ def main() -> None:
   import torch
   from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+  from kadiff_jax.job import Job
   from kadiff_jax.pipelines import text_to_image as t2i
   from kadiff_jax.weights.sdxl import load_sdxl
 
@@ -41,7 +42,7 @@ def main() -> None:
   h, w = opts.size(models)
   f = models.vae_scale_factor
   noise = np.random.default_rng(args.seed).standard_normal((1, 4, h // f, w // f)).astype(np.float32)
-  ours_lat, ours_img = t2i.generate(models, [t2i.ImageJob(args.prompt, args.negative_prompt, args.seed, 0)], opts,
+  ours_lat, ours_img = t2i.generate(models, [Job.numbered(args.prompt, args.seed, 0, negative_prompt=args.negative_prompt)], opts,
                                     init_latents=noise.transpose(0, 2, 3, 1), progress=False)
   pipe = StableDiffusionXLPipeline.from_pretrained(str(models.source))
   cls = EulerDiscreteScheduler if args.scheduler == "euler" else DDIMScheduler

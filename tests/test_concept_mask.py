@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from conftest import max_rel_err, nchw, nhwc
 from kadiff_jax import image_io
+from kadiff_jax.job import Job
 from kadiff_jax.kadiff import concept_mask as CM
 from kadiff_jax.kadiff import jobs as kjobs
 from kadiff_jax.kadiff import reference as R
@@ -138,22 +140,29 @@ def test_auto_mask_from_inversion_is_deterministic_and_user_mask_wins(tmp_path, 
   rng = np.random.default_rng(3)
   image_io.write_png(ref, rng.integers(0, 256, (72, 96, 3)).astype(np.uint8))
   opts = KADiffOptions(steps=4).for_model(tiny_models)
-  a = R.invert_reference(tiny_models, adapter, str(ref), "a photo of a dog", opts)
-  b = R.invert_reference(tiny_models, adapter, str(ref), "a photo of a dog", opts)
+  prep = lambda o, **kw: R.prepare_reference(tiny_models, adapter, str(ref), "a photo of a dog", o, **kw)
+  a, b = prep(opts, auto_mask=True), prep(opts, auto_mask=True)
   np.testing.assert_array_equal(a.cross_attention, b.cross_attention)
   assert a.cross_attention.shape == (4, 4, 77)  # the largest attn2 grid of the 64 px tiny model
   np.testing.assert_allclose(a.cross_attention.sum(-1), 1.0, atol=1e-5)
-  only_up = R.invert_reference(tiny_models, adapter, str(ref), "a photo of a dog",
-                               KADiffOptions(steps=4, mask_layers="up_blocks.*").for_model(tiny_models))
+  only_up = prep(KADiffOptions(steps=4, mask_layers="up_blocks.*").for_model(tiny_models), auto_mask=True)
   assert not np.allclose(only_up.cross_attention, a.cross_attention)
   np.testing.assert_array_equal(only_up.latents, a.latents)  # capture never changes the inversion
+  plain = prep(opts)  # no automatic mask asked: no maps recorded, and the mask layers are not in its key
+  assert plain.cross_attention is None
+  np.testing.assert_array_equal(plain.latents, a.latents)
+  assert plain.inversion.manifest["cross_attention_layers"] is None
+  # with a user mask, a mask layer selection that matches nothing is irrelevant (it used to fail inversion)
+  prep(KADiffOptions(steps=4, mask_layers="999").for_model(tiny_models))
+  with pytest.raises(ValueError, match="mask_layers '999' matches no cross-attention layer"):
+    prep(KADiffOptions(steps=4, mask_layers="999").for_model(tiny_models), auto_mask=True)
   # the cache keeps the maps, and the mask layer selection is part of what a cache is checked against
-  a.save(tmp_path / "c")
-  np.testing.assert_array_equal(R.load_cache(tmp_path / "c").cross_attention, a.cross_attention)
-  with pytest.raises(ValueError, match="mask_layers"):
-    R.load_cache(tmp_path / "c", only_up.manifest)
+  path = a.inversion.save(tmp_path / "c")
+  np.testing.assert_array_equal(R.load_inversion(path).cross_attention, a.cross_attention)
+  with pytest.raises(ValueError, match="cross_attention_layers"):
+    R.load_inversion(path, only_up.inversion.manifest)
 
-  auto = kjobs.Job("j", "a dog", str(ref), "a photo of a dog", kjobs.AUTO_MASK)
+  auto = Job("j", "a dog", reference=str(ref), ref_prompt="a photo of a dog", mask=kjobs.AUTO_MASK)
   m1, rec1 = kjobs.job_mask(auto, a, tiny_models.tokenizer, opts)
   m2, _ = kjobs.job_mask(auto, b, tiny_models.tokenizer, opts)
   np.testing.assert_array_equal(m1, m2)
@@ -161,12 +170,10 @@ def test_auto_mask_from_inversion_is_deterministic_and_user_mask_wins(tmp_path, 
   assert rec1["source"] == "auto" and rec1["words"] == ["dog"]
   user = tmp_path / "user.png"
   image_io.write_png(user, np.zeros((64, 64, 3), np.uint8) + np.uint8(255))
-  m3, rec3 = kjobs.job_mask(kjobs.Job("j", "a dog", str(ref), "a photo of a dog", str(user)), a,
-                            tiny_models.tokenizer, opts)
+  m3, rec3 = kjobs.job_mask(dataclasses.replace(auto, mask=str(user)), a, tiny_models.tokenizer, opts)
   assert m3.all() and rec3 == {"source": "user", "path": str(user)}
-  old = R.ReferenceCache(a.latents, a.features, a.timesteps, a.manifest)  # a version-1 cache has no maps
   with pytest.raises(ValueError, match="cross-attention maps"):
-    kjobs.job_mask(auto, old, tiny_models.tokenizer, opts)
+    kjobs.job_mask(auto, plain, tiny_models.tokenizer, opts)
 
 
 def test_generate_cli_with_auto_mask_writes_and_records_it(tmp_path, tiny_dir):

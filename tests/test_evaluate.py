@@ -151,7 +151,7 @@ def test_visualize_correspondence_cli(tmp_path, tiny_dir, capsys):
     image_io.write_png(ref, np.random.default_rng(5).integers(0, 256, (96, 96, 3)).astype(np.uint8))
   out = tmp_path / "viz"
   argv = ["visualize", "correspondence", "--model", str(tiny_dir), "--reference", str(ref), "--prompt",
-          "a dog in the snow", "--ref-prompt", "a photo of a dog", "--mask", "auto", "--steps", "6", "--height", "128",
+          "a dog in the snow", "--ref-prompt", "a photo of a dog", "--mask", "auto", "--steps", "6", "--size", "128",
           "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
   assert cli.main(argv) == 0
   head = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -41,7 +41,7 @@ def _mask(tmp: Path) -> str:
 
 def runs(tiny_dir: Path, tmp: Path) -> dict[str, np.ndarray]:
   """Every golden run's final latents (and the inversion's outputs), by name."""
-  from kadiff_jax import image_io
+  from kadiff_jax.job import Job
   from kadiff_jax.kadiff import generate as G
   from kadiff_jax.kadiff import reference as R
   from kadiff_jax.kadiff.options import KADiffOptions
@@ -54,26 +54,26 @@ def runs(tiny_dir: Path, tmp: Path) -> dict[str, np.ndarray]:
   models = load_sdxl(str(tiny_dir))
   adapter = load_ip_adapter(tiny_dir / TINY_IP_ADAPTER, tiny_dir / TINY_IMAGE_ENCODER, models.unet_config)
   out = {}
-  jobs = [t2i.ImageJob("a cat", None, 0, 0), t2i.ImageJob("a dog", "blurry", 1, 0)]
+  jobs = [Job.numbered("a cat", 0, 0), Job.numbered("a dog", 1, 0, negative_prompt="blurry")]
   out["t2i_euler"], _ = t2i.generate(models, jobs, t2i.GenerationOptions(steps=4), progress=False)
-  ip_jobs = [t2i.ImageJob("a cat", None, 0, 0, ref, 0.7), t2i.ImageJob("a dog", "blurry", 1, 0)]
+  ip_jobs = [Job.numbered("a cat", 0, 0, reference=ref, ip_scale=0.7),
+             Job.numbered("a dog", 1, 0, negative_prompt="blurry")]
   out["t2i_ddim_ip"], _ = t2i.generate(models, ip_jobs, t2i.GenerationOptions(steps=4, scheduler="ddim"),
                                        progress=False, adapter=adapter)
   opts = KADiffOptions(steps=6, inject_layers="up_blocks.*")
-  cache = R.invert_reference(models, adapter, ref, "a photo of a thing", opts)
-  out["inversion_latents"], out["inversion_features"] = cache.latents, cache.features
-  out["inversion_cross_attention"] = cache.cross_attention
+  prepared = R.prepare_reference(models, adapter, ref, "a photo of a thing", opts, auto_mask=True)
+  out["inversion_latents"], out["inversion_features"] = prepared.latents, prepared.features
+  out["inversion_cross_attention"] = prepared.cross_attention
   m = R.load_mask(mask, 64)
-  masks = np.stack([m, np.ones_like(m)])
-  noise = np.concatenate([np.asarray(t2i.initial_noise(s, [0], (8, 8, 4))) for s in (0, 1)])
-  kjobs = [G.KADiffJob("a thing in the snow", ref, "a photo of a thing"),
-           G.KADiffJob("a red thing", ref, "a photo of a thing")]
-  refs = [image_io.load_rgb(ref)] * 2
+  gen = [Job("a", "a thing in the snow", 0, reference=ref, ref_prompt="a photo of a thing"),
+         Job("b", "a red thing", 1, reference=ref, ref_prompt="a photo of a thing")]
+  items = [G.GenerationItem(j, prepared, mk, np.asarray(t2i.initial_noise(j.seed, [0], (8, 8, 4)))[0])
+           for j, mk in zip(gen, (m, np.ones_like(m)))]
   for mode in ("kadiff", "masactrl", "baseline"):
-    out[f"{mode}"], _ = G.run_jobs(models, adapter, kjobs, [cache] * 2, refs, masks, noise, opts, mode=mode)
+    out[f"{mode}"] = G.run_jobs(models, adapter, items, opts, mode=mode).latents
   init_opts = KADiffOptions(steps=6, inject_layers="up_blocks.*", use_init_latents=True, threshold=0.9,
                             inject_steps=(2, 4))
-  out["kadiff_init_latents"], _ = G.run_jobs(models, adapter, kjobs, [cache] * 2, refs, masks, noise, init_opts)
+  out["kadiff_init_latents"] = G.run_jobs(models, adapter, items, init_opts).latents
   return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 

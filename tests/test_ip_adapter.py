@@ -16,6 +16,7 @@ from transformers import CLIPVisionConfig as HFVisionConfig, CLIPVisionModelWith
 from conftest import max_rel_err, nchw, nhwc
 from kadiff_jax import image_io
 from kadiff_jax.models import clip_vision, image_proj, ip_adapter, unet
+from kadiff_jax.job import Job
 from kadiff_jax.pipelines import text_to_image as t2i
 from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER, random_params
 from kadiff_jax.weights import convert, files, load
@@ -113,7 +114,7 @@ def test_tiny_sdxl_ip_adapter_plus_matches_diffusers(tiny_models, adapter, ip_pi
   ref_img = _image(5)
   ref_img.save(tmp_path / "ref.png")
   noise = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
-  jobs = [t2i.ImageJob(p, None, 0, i, reference=str(tmp_path / "ref.png"), ip_scale=0.7) for i, p in enumerate(PROMPTS)]
+  jobs = [Job.numbered(p, 0, i, reference=str(tmp_path / "ref.png"), ip_scale=0.7) for i, p in enumerate(PROMPTS)]
   latents, _ = t2i.generate(tiny_models, jobs, t2i.GenerationOptions(steps=5), init_latents=nhwc(noise),
                             progress=False, adapter=adapter)
   ip_pipe.set_ip_adapter_scale(0.7)
@@ -132,10 +133,10 @@ def test_scale_zero_is_exactly_plain_sdxl(tiny_models, adapter, tmp_path):
   _image(6).save(tmp_path / "r.png")
   noise = nhwc(np.random.default_rng(4).standard_normal((2, 4, 8, 8)).astype(np.float32))
   opts = t2i.GenerationOptions(steps=4)
-  with_ip, _ = t2i.generate(tiny_models, [t2i.ImageJob(p, None, 0, i, str(tmp_path / "r.png"), 0.0)
+  with_ip, _ = t2i.generate(tiny_models, [Job.numbered(p, 0, i, reference=str(tmp_path / "r.png"), ip_scale=0.0)
                                           for i, p in enumerate(PROMPTS)], opts, init_latents=noise,
                             progress=False, adapter=adapter)
-  plain, _ = t2i.generate(tiny_models, [t2i.ImageJob(p, None, 0, i) for i, p in enumerate(PROMPTS)], opts,
+  plain, _ = t2i.generate(tiny_models, [Job.numbered(p, 0, i) for i, p in enumerate(PROMPTS)], opts,
                           init_latents=noise, progress=False)
   np.testing.assert_array_equal(with_ip, plain)
 
@@ -145,9 +146,9 @@ def test_per_sample_references_and_scales_in_one_batch(tiny_models, adapter, tmp
     _image(10 + i).save(tmp_path / f"r{i}.png")
   noise = nhwc(np.random.default_rng(5).standard_normal((3, 4, 8, 8)).astype(np.float32))
   opts = t2i.GenerationOptions(steps=4)
-  jobs = [t2i.ImageJob("a cat", None, 0, 0, str(tmp_path / "r0.png"), 0.5),
-          t2i.ImageJob("a cat", None, 0, 1, str(tmp_path / "r1.png"), 0.9),
-          t2i.ImageJob("a cat", None, 0, 2, None, None)]
+  jobs = [Job.numbered("a cat", 0, 0, reference=str(tmp_path / "r0.png"), ip_scale=0.5),
+          Job.numbered("a cat", 0, 1, reference=str(tmp_path / "r1.png"), ip_scale=0.9),
+          Job.numbered("a cat", 0, 2)]
   together, _ = t2i.generate(tiny_models, jobs, opts, init_latents=noise, progress=False, adapter=adapter)
   for i, job in enumerate(jobs):
     alone, _ = t2i.generate(tiny_models, [job], opts, init_latents=noise[i:i + 1], progress=False, adapter=adapter)
@@ -162,6 +163,7 @@ def test_composes_with_other_hooks(tiny_models, adapter):
   @dataclasses.dataclass(frozen=True)
   class Tap:
     name: str = "tap"
+    needs_args = False
 
     def selects(self, site):
       return site.kind == "cross"
@@ -175,7 +177,7 @@ def test_composes_with_other_hooks(tiny_models, adapter):
   cond = unet.UNetCond(jnp.asarray(rng.standard_normal((2, 77, 64)), jnp.float32), jnp.zeros((2, 32)),
                        jnp.tile(jnp.array([[64.0, 64, 0, 0, 64, 64]]), (2, 1)))
   tokens = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
-  args = ip_adapter.IPAdapterArgs(adapter.layers, tokens, jnp.array([1.0, 1.0]))
+  args = ip_adapter.hook_inputs(adapter, tokens, jnp.array([1.0, 1.0]))
   ip = ip_adapter.IPAdapterAttention()
   only_ip, _ = unet.apply(tiny_models.unet_params, x, 10, cond, config=cfg, hooks=(ip,), hook_args={"ip_adapter": args})
   plain, _ = unet.apply(tiny_models.unet_params, x, 10, cond, config=cfg)

@@ -10,11 +10,13 @@ import pytest
 from PIL import Image
 
 from kadiff_jax import image_io
+from kadiff_jax.job import Job
 from kadiff_jax.kadiff import generate as G
 from kadiff_jax.kadiff import reference as R
 from kadiff_jax.kadiff.options import KADiffOptions, kadiff_scheduler
 from kadiff_jax.models import ip_adapter
 from kadiff_jax.pipelines import text_to_image as t2i
+from kadiff_jax.sampling import CFG
 from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
 from kadiff_jax.weights.ip_adapter import load_ip_adapter
 
@@ -38,16 +40,23 @@ def adapter(tiny_dir, tiny_models):
 
 @pytest.fixture(scope="module")
 def cache(tiny_models, adapter, reference_image):
-  return R.invert_reference(tiny_models, adapter, reference_image, "a dog", OPTS)
+  return R.prepare_reference(tiny_models, adapter, reference_image, "a dog", OPTS)
+
+
+def _item(prepared, seed=0, mask=None):
+  if mask is None:
+    mask = np.zeros((64, 64), bool)
+    mask[8:56, 16:60] = True
+  noise = np.random.default_rng(seed).standard_normal((8, 8, 4)).astype(np.float32)
+  return G.GenerationItem(Job("j", "a dog in the snow", seed, reference=prepared.path, ref_prompt="a dog"),
+                          prepared, mask, noise)
 
 
 def _run(models, adapter, cache, reference_image, opts, mode=None, seed=0, trajectory=False):
-  mask = np.zeros((1, 64, 64), bool)
-  mask[0, 8:56, 16:60] = True
-  noise = np.random.default_rng(seed).standard_normal((1, 8, 8, 4)).astype(np.float32)
-  job = [G.KADiffJob("a dog in the snow", reference_image, "a dog")]
-  return G.run_jobs(models, adapter, job, [cache], [image_io.load_rgb(reference_image)], mask, noise, opts,
-                    mode=mode, trajectory_out=trajectory)
+  """(latents, images, trajectory) of one job."""
+  out = G.run_jobs(models, adapter, [_item(cache, seed)], opts, mode=mode,
+                   record=("trajectory",) if trajectory else ())
+  return out.latents, out.images, out.aux.get("trajectory")
 
 
 def test_inversion_step_matches_spec_formula():
@@ -80,12 +89,13 @@ def test_cache_layout_and_reconstruction(tiny_models, adapter, cache, reference_
 def _reconstruction_error(models, adapter, reference_image, steps):
   """DDIM from the inverted z_T with the inversion's own conditioning (guidance 1) vs z0_ref."""
   opts = KADiffOptions(steps=steps, inversion_guidance=1.0).for_model(models)
-  c = R.invert_reference(models, adapter, reference_image, "a dog", opts)
-  cond, ip_args = R.inversion_conditioning(models, adapter, ["a dog"], [image_io.load_rgb(reference_image)], opts)
+  c = R.prepare_reference(models, adapter, reference_image, "a dog", opts)
+  cond, ip_rows = R.inversion_conditioning([c], models, opts, R.ip_scale(adapter, opts))
   sched = kadiff_scheduler()
-  rec = t2i.denoise(models.unet_params, jnp.asarray(c.latents[:1]), cond, sched.set_timesteps(steps), jnp.float32(1.0),
-                    {"ip_adapter": ip_args}, unet_config=models.unet_config, scheduler=sched, do_cfg=True,
-                    hooks=(ip_adapter.IPAdapterAttention(),))
+  rec, _ = t2i.denoise(models.unet_params, jnp.asarray(c.latents[:1]), cond, sched.set_timesteps(steps),
+                       jnp.float32(1.0), {"ip_adapter": ip_adapter.hook_inputs(adapter, *ip_rows)},
+                       unet_config=models.unet_config, scheduler=sched, layout=CFG,
+                       hooks=(ip_adapter.IPAdapterAttention(),))
   return np.abs(np.asarray(rec)[0] - c.latents[-1]).max() / np.abs(c.latents[-1]).max()
 
 
@@ -104,13 +114,14 @@ def test_injection_off_is_baseline_and_on_changes_only_after_start(tiny_models, 
   base = _run(tiny_models, adapter, cache, reference_image, OPTS, mode="baseline", trajectory=True)
   off = _run(tiny_models, adapter, cache, reference_image, KADiffOptions(steps=10, inject_layers="up_blocks.*",
                                                                          threshold=-np.inf), trajectory=True)
-  np.testing.assert_array_equal(off[2], base[2])
-  nolayers = _run(tiny_models, adapter, cache, reference_image, KADiffOptions(steps=10, inject_layers="999"))
-  np.testing.assert_array_equal(nolayers[0], base[0])
+  np.testing.assert_allclose(off[2], base[2], rtol=0, atol=2e-5 * np.abs(base[2]).max())  # 4 rows vs 2: rounding
+  with pytest.raises(ValueError, match="inject_layers '999' matches no self-attention layer of this UNet; it has "
+                     r"layers 1-11 \(11 in all\), by path: .*up_blocks.0.attentions.0.\*"):
+    _run(tiny_models, adapter, cache, reference_image, KADiffOptions(steps=10, inject_layers="999"))
   start = 6
   on = _run(tiny_models, adapter, cache, reference_image,
             KADiffOptions(steps=10, inject_layers="up_blocks.*", inject_steps=(start, 9)), trajectory=True)
-  np.testing.assert_array_equal(on[2][:start], base[2][:start])  # steps before the start are untouched
+  np.testing.assert_allclose(on[2][:start], base[2][:start], rtol=0, atol=2e-5 * np.abs(base[2]).max())  # untouched
   assert np.abs(on[2][start] - base[2][start]).max() > 1e-4
   assert np.abs(on[0] - base[0]).max() > 1e-3
   masa = _run(tiny_models, adapter, cache, reference_image, OPTS, mode="masactrl")
@@ -124,22 +135,22 @@ def test_deterministic(tiny_models, adapter, cache, reference_image):
 
 
 def test_use_init_latents_copies_masked_region(tiny_models, cache):
-  noise = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
-  mask = np.zeros((1, 64, 64), bool)
-  mask[0, :, :32] = True  # left half
-  out = G.initial_latents(noise, [cache], mask, True)
+  mask = np.zeros((64, 64), bool)
+  mask[:, :32] = True  # left half
+  item = _item(cache, mask=mask)
+  out = G.initial_latents([item], True)
   np.testing.assert_array_equal(out[0, :, :4], cache.latents[0][:, :4])
-  np.testing.assert_array_equal(out[0, :, 4:], noise[0, :, 4:])
-  assert G.initial_latents(noise, [cache], mask, False) is noise
+  np.testing.assert_array_equal(out[0, :, 4:], item.noise[:, 4:])
+  np.testing.assert_array_equal(G.initial_latents([item], False)[0], item.noise)
 
 
 def test_cache_round_trip_and_mismatch(tmp_path, tiny_models, adapter, cache, reference_image):
-  path = cache.save(tmp_path / "dog")
-  loaded = R.load_cache(path, expected=cache.manifest)
+  path = cache.inversion.save(tmp_path / "dog")
+  loaded = R.load_inversion(path, expected=cache.inversion.manifest)
   np.testing.assert_array_equal(loaded.features, cache.features)
-  other = dict(cache.manifest, steps=50)
+  other = dict(cache.inversion.manifest, steps=50)
   with pytest.raises(ValueError, match="steps: cache has 10, this run needs 50"):
-    R.load_cache(path, expected=other)
+    R.load_inversion(path, expected=other)
 
 
 def test_mask_loading_quirk_q2(tmp_path):
@@ -173,8 +184,8 @@ def test_cli_jobs_resume_invert_and_bad_input(tmp_path, tiny_dir, reference_imag
           "--inject-layers", "up_blocks.*", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]
   assert cli.main(argv) == 0
   names = sorted(p.name for p in (tmp_path / "out").iterdir())
-  assert names == ["beach.png", "beach_baseline.png", "beach_grid.png", "snow.png", "snow_baseline.png",
-                   "snow_grid.png"]
+  assert names == ["beach.png", "beach_baseline.png", "beach_grid.png", "config.yaml", "snow.png",
+                   "snow_baseline.png", "snow_grid.png"]
   meta = image_io.read_png_metadata(tmp_path / "out" / "snow.png")
   assert meta["mode"] == "kadiff" and meta["mask"].endswith("mask.png") and meta["ref_prompt"] == "a dog"
   assert len(list((tmp_path / "c" / "references").glob("*.npz"))) == 1  # one reference, inverted once
@@ -184,10 +195,27 @@ def test_cli_jobs_resume_invert_and_bad_input(tmp_path, tiny_dir, reference_imag
   assert cli.main(argv) == 0
   assert "wrote 1 job(s)" in capsys.readouterr().out
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "snow.png")), first)
-  # kadiff invert writes a cache
+  # kadiff invert writes a cache that generate --reference-cache reads (without inverting again)
   assert cli.main(["invert", "--model", str(tiny_dir), "--reference", reference_image, "--ref-prompt", "a dog",
-                   "--steps", "4", "--out", str(tmp_path / "inv" / "dog")]) == 0
-  assert R.load_cache(tmp_path / "inv" / "dog").latents.shape == (5, 8, 8, 4)
+                   "--steps", "6", "--out", str(tmp_path / "inv" / "dog.npz"), "--cache-dir", str(tmp_path / "c")]) == 0
+  assert R.load_inversion(tmp_path / "inv" / "dog.npz").latents.shape == (7, 8, 8, 4)
+  refs_before = sorted((tmp_path / "c" / "references").glob("*.npz"))
+  from_cache = ["generate", "--model", str(tiny_dir), "--mode", "kadiff", "--reference-cache",
+                str(tmp_path / "inv" / "dog.npz"), "--prompt", "a dog in the snow", "--seed", "1", "--steps", "6",
+                "--inject-layers", "up_blocks.*", "--no-baseline", "--out", str(tmp_path / "fc"), "--cache-dir",
+                str(tmp_path / "c")]
+  assert cli.main(from_cache) == 0
+  assert sorted((tmp_path / "c" / "references").glob("*.npz")) == refs_before
+  jobs_no_mask = [{"id": "nm", "prompt": "a dog in the snow", "reference": reference_image, "ref_prompt": "a dog",
+                   "seed": 1}]
+  (tmp_path / "nm.jsonl").write_text(json.dumps(jobs_no_mask[0]))
+  assert cli.main(argv[:6] + [str(tmp_path / "nm.jsonl")] + argv[7:-4] + ["--no-baseline", "--out",
+                                                                          str(tmp_path / "nm")] + argv[-2:]) == 0
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "fc" / "seed1_0000.png")),
+                                np.asarray(Image.open(tmp_path / "nm" / "nm.png")))
+  assert cli.main(from_cache[:-5] + ["--steps", "4", "--out", str(tmp_path / "fc2"), "--cache-dir",
+                                     str(tmp_path / "c")]) == 2
+  assert "steps: cache has 6, this run needs 4" in capsys.readouterr().err
   # bad input
   jobs.write_text(json.dumps({"id": "a", "reference": reference_image}) + "\n" + json.dumps({"id": "a", "reference": reference_image}))
   assert cli.main(argv) == 2 and "duplicate job id 'a'" in capsys.readouterr().err
@@ -201,36 +229,45 @@ def test_cli_jobs_resume_invert_and_bad_input(tmp_path, tiny_dir, reference_imag
 SHARDED = """
 import sys, numpy as np, jax
 assert jax.device_count() == 4
-from kadiff_jax import image_io, sharding
+from kadiff_jax import sharding
+from kadiff_jax.job import Job
 from kadiff_jax.weights.sdxl import load_sdxl
 from kadiff_jax.weights.ip_adapter import load_ip_adapter
 from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
 from kadiff_jax.kadiff import generate as G, reference as R
 from kadiff_jax.kadiff.options import KADiffOptions
 from pathlib import Path
+from PIL import Image
 d, ref = Path(sys.argv[1]), sys.argv[2]
 m = load_sdxl(str(d))
 a = load_ip_adapter(d / TINY_IP_ADAPTER, d / TINY_IMAGE_ENCODER, m.unet_config)
 o = KADiffOptions(steps=6, inject_layers="up_blocks.*")
-c = R.invert_reference(m, a, ref, "a dog", o)
-jobs = [G.KADiffJob(p, ref, "a dog") for p in ("a dog in the snow", "a dog on the beach", "a red dog")]
-masks = np.ones((3, 64, 64), bool)
-noise = np.random.default_rng(0).standard_normal((3, 8, 8, 4)).astype(np.float32)
-refs = [image_io.load_rgb(ref)] * 3
-z4, _ = G.run_jobs(m, a, jobs, [c] * 3, refs, masks, noise, o, mesh=sharding.data_mesh())
-z1, _ = G.run_jobs(m, a, jobs, [c] * 3, refs, masks, noise, o, mesh=sharding.data_mesh(jax.devices()[:1]))
-np.savez(sys.argv[3], z4=z4, z1=z1)
+flipped = Image.open(ref).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT)
+requests = [(ref, "a dog"), (flipped, "a dog"), (ref, "a photo of a dog")]  # 3 references: padded to 4 devices
+def run(mesh):
+  preps = R.prepare_references(m, a, requests, o, mesh=mesh, batch_size=4)  # inverted together, over the mesh
+  prompts = ("a dog in the snow", "a dog on the beach", "a red dog")
+  items = [G.GenerationItem(Job(str(i), p, reference=ref), prep, np.ones((64, 64), bool),
+                            np.random.default_rng(i).standard_normal((8, 8, 4)).astype(np.float32))
+           for i, (p, prep) in enumerate(zip(prompts, preps))]
+  return np.stack([p.latents for p in preps]), G.run_jobs(m, a, items, o, mesh=mesh).latents
+inv4, z4 = run(sharding.data_mesh())
+inv1, z1 = run(sharding.data_mesh(jax.devices()[:1]))
+np.savez(sys.argv[3], z4=z4, z1=z1, inv4=inv4, inv1=inv1)
 """
 
 
+@pytest.mark.slow
 def test_kadiff_sharded_over_4_cpu_devices(tmp_path, tiny_dir, reference_image):
   import os, subprocess, sys
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   subprocess.run([sys.executable, "-c", SHARDED, str(tiny_dir), reference_image, str(tmp_path / "r.npz")],
                  env=env, check=True, timeout=900)
   r = np.load(tmp_path / "r.npz")
-  assert r["z4"].shape == (3, 8, 8, 4)
+  assert r["z4"].shape == (3, 8, 8, 4) and r["inv4"].shape == (3, 7, 8, 8, 4)
   assert np.abs(r["z4"] - r["z1"]).max() / np.abs(r["z1"]).max() < 2e-5  # float rounding only
+  assert np.abs(r["inv4"] - r["inv1"]).max() / np.abs(r["inv1"]).max() < 2e-5
+  assert np.abs(r["inv4"][0] - r["inv4"][1]).max() > 1e-2  # the flipped reference really is another one
 
 
 TWO_PROCESS = """
@@ -240,11 +277,13 @@ sharding.initialize_distributed(f"127.0.0.1:{sys.argv[4]}", 2, int(sys.argv[5]))
 import jax
 assert jax.process_count() == 2 and jax.device_count() == 4
 """ + SHARDED.replace("import sys, numpy as np, jax\n", "import numpy as np\n").replace(
-    "z1, _ = G.run_jobs(m, a, jobs, [c] * 3, refs, masks, noise, o, mesh=sharding.data_mesh(jax.devices()[:1]))\n",
-    "").replace("np.savez(sys.argv[3], z4=z4, z1=z1)", "if jax.process_index() == 0: np.savez(sys.argv[3], z4=z4)")
+    "inv1, z1 = run(sharding.data_mesh(jax.devices()[:1]))\n", "").replace(
+    "np.savez(sys.argv[3], z4=z4, z1=z1, inv4=inv4, inv1=inv1)",
+    "if jax.process_index() == 0: np.savez(sys.argv[3], z4=z4, inv4=inv4)")
 assert "z1" not in TWO_PROCESS
 
 
+@pytest.mark.slow
 def test_kadiff_two_processes_equal_one(tmp_path, tiny_dir, reference_image):
   """jax.distributed over loopback (gloo): 2 processes x 2 CPU devices give the same images as one process."""
   import os, socket, subprocess, sys
@@ -263,6 +302,7 @@ def test_kadiff_two_processes_equal_one(tmp_path, tiny_dir, reference_image):
   env1 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   subprocess.run([sys.executable, "-c", SHARDED, str(tiny_dir), reference_image, str(tmp_path / "one.npz")],
                  env=env1, check=True, timeout=900)
-  two, one = np.load(tmp_path / "two.npz")["z4"], np.load(tmp_path / "one.npz")["z4"]
-  assert two.shape == (3, 8, 8, 4)
-  assert np.abs(two - one).max() / np.abs(one).max() < 2e-5
+  two, one = np.load(tmp_path / "two.npz"), np.load(tmp_path / "one.npz")
+  assert two["z4"].shape == (3, 8, 8, 4)
+  for key in ("z4", "inv4"):  # inversion and generation, each split over both processes
+    assert np.abs(two[key] - one[key]).max() / np.abs(one[key]).max() < 2e-5

@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from conftest import nchw, nhwc
 from kadiff_jax import cli, image_io
+from kadiff_jax.job import Job
 from kadiff_jax.pipelines import text_to_image as t2i
 
 PROMPTS = ["a photo of a cat", "a dog in the snow"]
@@ -25,7 +26,7 @@ PROMPTS = ["a photo of a cat", "a dog in the snow"]
 def test_tiny_sdxl_matches_diffusers(tiny_models, torch_pipe, scheduler, negative, guidance):
   noise = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
   opts = t2i.GenerationOptions(steps=6, guidance=guidance, scheduler=scheduler)
-  jobs = [t2i.ImageJob(p, negative, 0, i) for i, p in enumerate(PROMPTS)]
+  jobs = [Job.numbered(p, 0, i, negative_prompt=negative) for i, p in enumerate(PROMPTS)]
   latents, images = t2i.generate(tiny_models, jobs, opts, init_latents=nhwc(noise), progress=False)
   cls = EulerDiscreteScheduler if scheduler == "euler" else DDIMScheduler
   torch_pipe.scheduler = cls.from_config(torch_pipe.scheduler.config)
@@ -63,9 +64,9 @@ def test_generate_cli_writes_pngs_with_metadata(tmp_path, tiny_dir):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--height", "60"], "--height 60: expected a positive multiple of 8"),
-    (["--scheduler", "dpm"], "unknown scheduler 'dpm'"),
-    (["--dtype", "fp8"], "dtype 'fp8'"),
+    (["--height", "60"], "height=60: expected a positive multiple of 8"),
+    (["--scheduler", "dpm"], "scheduler='dpm': expected one of ['ddim', 'euler']"),
+    (["--dtype", "fp8"], "dtype='fp8': expected one of"),
     (["--init-latents", "BAD"], "--init-latents"),
 ])
 def test_cli_bad_input_gives_one_clear_error(tmp_path, tiny_dir, capsys, argv, message):
@@ -93,7 +94,7 @@ def test_init_latents_file_reproduces(tmp_path, tiny_models, tiny_dir):
   np.save(tmp_path / "z.npy", noise)
   assert cli.main(["generate", "--model", str(tiny_dir), "--prompt", "a cat", "--out", str(tmp_path / "o"),
                    "--steps", "3", "--init-latents", str(tmp_path / "z.npy")]) == 0
-  _, imgs = t2i.generate(tiny_models, [t2i.ImageJob("a cat", None, 0, 0)], t2i.GenerationOptions(steps=3),
+  _, imgs = t2i.generate(tiny_models, [Job.numbered("a cat", 0, 0)], t2i.GenerationOptions(steps=3),
                          init_latents=nhwc(noise), progress=False)
   png = np.asarray(__import__("PIL.Image").Image.open(tmp_path / "o" / "seed0_0000.png"))
   np.testing.assert_array_equal(png, imgs[0])
@@ -106,7 +107,8 @@ SHARDED = textwrap.dedent("""
     from kadiff_jax.weights.sdxl import load_sdxl
     from kadiff_jax.pipelines import text_to_image as t2i
     m = load_sdxl(sys.argv[1])
-    jobs = [t2i.ImageJob(p, None, 11, i) for i, p in enumerate(["a cat", "a dog", "a red car"])]  # 3: padded to 4
+    from kadiff_jax.job import Job
+    jobs = [Job.numbered(p, 11, i) for i, p in enumerate(["a cat", "a dog", "a red car"])]  # 3: padded to 4
     opts = t2i.GenerationOptions(steps=3)
     lat4, img4 = t2i.generate(m, jobs, opts, mesh=sharding.data_mesh(), progress=False)
     one = sharding.data_mesh(jax.devices()[:1])
@@ -117,6 +119,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_over_4_cpu_devices_equals_single_device(tmp_path, tiny_dir):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   out = tmp_path / "r.npz"

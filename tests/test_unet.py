@@ -123,6 +123,7 @@ def test_sdxl_attention_numbering_follows_spec_and_diffusers():
 class _Record:
   """Passes attention through unchanged and reports the keys it saw."""
   name: str = "record"
+  needs_args = False
 
   def selects(self, site):
     return site.kind == "self"

@@ -1,8 +1,8 @@
 """`kadiff benchmark pipeline`: KA-Diff per-phase timings, with diffusers' IP-Adapter pass as reference.
 
 Phases (median of 3 calls after a warm-up call, so compile time is reported apart):
-inversion, the KA-Diff injection pass, the plain IP-Adapter pass (same rows
-layout), and VAE decode. The reference figure is diffusers'
+inversion (with the reference's text and image tokens), the KA-Diff injection
+pass (4 rows per image), the plain IP-Adapter pass (2 rows), and VAE decode. The reference figure is diffusers'
 StableDiffusionXLPipeline + load_ip_adapter generating from the same folder,
 steps and size (needs the `test` extra). Prints one JSON object last.
 """
@@ -33,6 +33,7 @@ def _median(fn, n=3):
 def run(model: str = "tiny", steps: int = 10, inject_layers: str | None = None, ip_adapter=None,
         image_encoder=None, torch_reference: bool = True) -> dict:
   from kadiff_jax import sharding
+  from kadiff_jax.job import Job
   from kadiff_jax.kadiff import generate as G
   from kadiff_jax.kadiff import reference as R
   from kadiff_jax.kadiff.options import KADiffOptions
@@ -45,23 +46,24 @@ def run(model: str = "tiny", steps: int = 10, inject_layers: str | None = None, 
   ip_adapter = ip_adapter or models.source / TINY_IP_ADAPTER
   image_encoder = image_encoder or models.source / TINY_IMAGE_ENCODER
   adapter = load_ip_adapter(ip_adapter, image_encoder, models.unet_config)
-  layers = inject_layers or ("44-70" if models.unet_config.num_blocks == 3 and
-                             models.unet_config.transformer_layers_per_block[-1] == 10 else "up_blocks.*")
-  opts = KADiffOptions(steps=steps, inject_layers=layers).for_model(models)
+  opts = KADiffOptions(steps=steps, inject_layers=inject_layers).for_model(models)
+  layers = opts.inject_layers
   rng = np.random.default_rng(0)
   ref = Image.fromarray(rng.integers(0, 256, (opts.size, opts.size, 3)).astype(np.uint8))
   out = {"benchmark": "pipeline", "model": str(models.source), "size": opts.size, "steps": steps,
          "inject_layers": layers, "backend": jax.default_backend(), "load_s": round(t_load, 3)}
-  _, first = _timed(lambda: R.invert_reference(models, adapter, ref, "a photo", opts))
-  cache, t_inv = _median(lambda: R.invert_reference(models, adapter, ref, "a photo", opts))
-  masks = np.ones((1, opts.size, opts.size), bool)
-  latent = opts.size // models.vae_scale_factor
-  noise = rng.standard_normal((1, latent, latent, models.unet_config.in_channels)).astype(np.float32)
-  job = [G.KADiffJob("a photo in the snow", "", "a photo")]
   placed, placed_adapter = t2i.place_params(models, adapter, sharding.data_mesh())  # as the job runner does
-  run_mode = lambda mode: G.run_jobs(placed, placed_adapter, job, [cache], [ref], masks, noise, opts, mode=mode)
+  prepare = lambda: R.prepare_reference(placed, placed_adapter, ref, "a photo", opts).latents
+  _, first = _timed(prepare)
+  _, t_inv = _median(prepare)
+  prepared = R.prepare_reference(placed, placed_adapter, ref, "a photo", opts)
+  latent = opts.size // models.vae_scale_factor
+  noise = rng.standard_normal((latent, latent, models.unet_config.in_channels)).astype(np.float32)
+  item = G.GenerationItem(Job("bench", "a photo in the snow", ref_prompt="a photo"), prepared,
+                          np.ones((opts.size, opts.size), bool), noise)
+  run_mode = lambda mode: G.run_jobs(placed, placed_adapter, [item], opts, mode=mode).latents
   _, first_k = _timed(lambda: run_mode("kadiff"))
-  (z, _), t_kadiff = _median(lambda: run_mode("kadiff"))
+  z, t_kadiff = _median(lambda: run_mode("kadiff"))
   _, first_b = _timed(lambda: run_mode("baseline"))
   _, t_base = _median(lambda: run_mode("baseline"))
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
@@ -88,7 +90,7 @@ def run(model: str = "tiny", steps: int = 10, inject_layers: str | None = None, 
     _, t_ref = _median(call)
     out.update({"diffusers_ip_adapter_pass_s": round(t_ref, 3),
                 "baseline_speedup_vs_diffusers": round(t_ref / max(t_base - t_dec, 1e-9), 2),
-                "note": "our baseline and KA-Diff passes run 4 UNet rows per image (gen + ref); diffusers runs 2"})
+                "note": "our KA-Diff pass runs 4 UNet rows per image (gen + ref), the baseline 2, as diffusers"})
   return out
 
 

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from kadiff_jax.job import Job
 from kadiff_jax.kadiff import jobs as kjobs
 
 PROMPTS_FILE = "prompts_and_classes.txt"
@@ -153,7 +154,8 @@ def generate(models, adapter, items: Sequence[Item], options, out_dir: str | Pat
     raise ValueError(f"methods {sorted(unknown)}: expected some of {METHODS}")
   out_dir = Path(out_dir)
   cache_dir = out_dir / "cache"
-  jobs = [kjobs.Job(it.id, it.prompt, it.reference, it.ref_prompt, mask, it.seed) for it in items]
+  jobs = [Job(it.id, it.prompt, it.seed, reference=it.reference, ref_prompt=it.ref_prompt, mask=mask)
+          for it in items]
   counts = {}
   if "kadiff" in methods or "baseline" in methods:
     # one KA-Diff run writes ours and the IP-Adapter baseline from the same noise (baseline before ours,

@@ -48,6 +48,7 @@ class CrossAttentionMaps:
   selector: LayerSelector = LayerSelector("cross", patterns=("*",))
   rows: int = 2
   name: str = "cross_attention_maps"
+  needs_args = False
 
   def selects(self, site: AttentionSite) -> bool:
     return self.selector.selects(site)

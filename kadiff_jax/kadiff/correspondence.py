@@ -112,6 +112,8 @@ def dift_correspondence(ref_features: jax.Array, gen_features: jax.Array, mask: 
                         jnp.where(matched, best, jnp.inf).astype(jnp.float32))
 
 
-def batched_correspondence(ref_features, gen_features, masks, r: int, threshold: float = 0.7) -> Correspondence:
-  """`dift_correspondence` over a leading batch axis of jobs."""
-  return jax.vmap(lambda a, b, m: dift_correspondence(a, b, m, r, threshold))(ref_features, gen_features, masks)
+def batched_correspondence(ref_features, gen_features, masks, r: int, threshold=0.7) -> Correspondence:
+  """`dift_correspondence` over a leading batch axis of jobs; `threshold` a scalar or one per job [B] (traced)."""
+  thresholds = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), ref_features.shape[:1])
+  return jax.vmap(lambda a, b, m, th: dift_correspondence(a, b, m, r, th))(ref_features, gen_features, masks,
+                                                                          thresholds)

@@ -23,10 +23,11 @@ from kadiff_jax import image_io
 from kadiff_jax.kadiff import concept_mask as CM
 from kadiff_jax.kadiff import correspondence as corr_lib
 from kadiff_jax.kadiff import generate as G
+from kadiff_jax.job import Job
 from kadiff_jax.kadiff import jobs as kjobs
+from kadiff_jax.kadiff import reference as R
 from kadiff_jax.kadiff import visualize as V
 from kadiff_jax.kadiff.options import KADiffOptions
-from kadiff_jax.pipelines.text_to_image import initial_noise
 
 
 def step_summary(corrs: dict[int, corr_lib.Correspondence], masks: dict[int, np.ndarray]) -> dict:
@@ -44,7 +45,7 @@ def step_summary(corrs: dict[int, corr_lib.Correspondence], masks: dict[int, np.
   return out
 
 
-def correspondence_figures(models, adapter, job: kjobs.Job, options: KADiffOptions, out_dir: str | os.PathLike, *,
+def correspondence_figures(models, adapter, job: Job, options: KADiffOptions, out_dir: str | os.PathLike, *,
                            resolution: int | None = None, step: int | None = None,
                            words: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
                            size: int = 512) -> dict:
@@ -54,16 +55,12 @@ def correspondence_figures(models, adapter, job: kjobs.Job, options: KADiffOptio
     raise ValueError(f"visualize correspondence needs mode 'kadiff', got {options.mode!r}")
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  cache = kjobs.reference_cache(models, adapter, job, options, Path(cache_dir) if cache_dir else None)
-  mask, mask_record = kjobs.job_mask(job, cache, models.tokenizer, options)
-  reference = image_io.load_rgb(job.reference)
-  latent = options.size // models.vae_scale_factor
-  noise = np.asarray(initial_noise(job.seed, [job.index], (latent, latent, models.unet_config.in_channels)))
-  kjob = G.KADiffJob(job.prompt, job.reference, job.ref_prompt, job.mask, job.seed, job.index)
-  _, images, corrs = G.run_jobs(models, adapter, [kjob], [cache], [reference], mask[None], noise, options,
-                                correspondence_out=True)
-  if not corrs:
-    raise ValueError(f"inject_layers={options.inject_layers!r} selects no self-attention layer: nothing to draw")
+  prepared = R.prepare_reference(models, adapter, job.reference, job.ref_prompt, options, auto_mask=True,
+                                 cache_dir=cache_dir)
+  mask, mask_record = kjobs.job_mask(job, prepared, models.tokenizer, options)
+  item = G.GenerationItem(job, prepared, mask, kjobs.job_noise(job, models, options))
+  generated = G.run_jobs(models, adapter, [item], options, record=("correspondence",))
+  images, corrs = generated.images, generated.aux["correspondence"]
   r = resolution or max(corrs)
   if r not in corrs:
     raise ValueError(f"resolution {r}: this run injects at {sorted(corrs)}")
@@ -74,7 +71,7 @@ def correspondence_figures(models, adapter, job: kjobs.Job, options: KADiffOptio
     raise ValueError(f"step {step}: injection runs at steps {steps[0]}-{steps[-1]}")
   c = corrs[r]
   ours = images[0]
-  ref_np = np.asarray(reference.convert("RGB"))
+  ref_np = np.asarray(prepared.image)
   sources = {rr: np.asarray(corr_lib.resize_nearest_mask(mask, rr)) for rr in corrs}
   write = lambda name, im: image_io.write_png(out_dir / name, im)
   write("ours.png", ours)
@@ -82,7 +79,7 @@ def correspondence_figures(models, adapter, job: kjobs.Job, options: KADiffOptio
   write("distance.png", V.distance_panels(c.distance[:, 0], steps, r, options.threshold))
   write("injected.png", V.injected_panels(c.inject[:, 0], steps, r, ours))
   positions, used = CM.subject_positions(models.tokenizer, job.ref_prompt, words)
-  heat = CM.concept_heatmap(cache.cross_attention, positions, size)
+  heat = CM.concept_heatmap(prepared.cross_attention, positions, size)
   mask_big = V.resize_square(mask.astype(np.uint8) * 255, size, nearest=True) > 127
   overlay = V.outline(V.heatmap_overlay(ref_np, heat, size=size), mask_big, (255, 255, 255))
   write("cross_attention.png", np.concatenate([overlay, np.repeat(mask_big[..., None] * np.uint8(255), 3, -1)], 1))

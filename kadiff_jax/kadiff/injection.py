@@ -1,9 +1,10 @@
-"""Self-attention injection hooks over the KA-Diff batch layout.
+"""Self-attention injection hooks over the KA-Diff row layout (spec 6.1, 6.4).
 
-Each job occupies four consecutive UNet rows, [uncond_gen, uncond_ref,
-cond_gen, cond_ref] (spec 6.1), so a data-parallel shard always holds whole
-jobs. Both hooks act only in the layers their selector picks and only when
-the traced `active` flag of the current step is set.
+Each job occupies the rows of a `RowLayout` with the roles cond_gen and
+cond_ref (and, for MasaCtrl, uncond_gen and uncond_ref), so a data-parallel
+shard always holds whole jobs. Both hooks act only in the layers their
+selector picks and only for the jobs whose traced `active` flag is set at
+the current step.
 """
 
 from __future__ import annotations
@@ -16,18 +17,12 @@ import jax.numpy as jnp
 
 from kadiff_jax.kadiff.correspondence import Correspondence
 from kadiff_jax.models.attention import AttentionCall, AttentionSite, LayerSelector
-
-ROWS = 4
-UNCOND_GEN, UNCOND_REF, COND_GEN, COND_REF = range(ROWS)
+from kadiff_jax.sampling.layout import KADIFF, RowLayout
 
 
 class InjectionArgs(NamedTuple):
-  active: jax.Array                       # scalar bool: inject at this step
-  correspondence: dict[int, Correspondence]  # per resolution r: [B, r*r] fields
-
-
-def _rows(x):
-  return x.reshape((-1, ROWS) + x.shape[1:])  # [B, 4, L, heads, d]
+  active: jax.Array                          # [B] bool: inject into job b at this step
+  correspondence: dict[int, Correspondence]  # per grid side r: [B, r*r] fields (empty for MasaCtrl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +31,9 @@ class KVInjection:
 
   selector: LayerSelector
   replace: tuple[str, ...] = ("k", "v")
+  layout: RowLayout = KADIFF
   name: str = "kv_injection"
+  needs_args = True
 
   def selects(self, site: AttentionSite) -> bool:
     return self.selector.selects(site)
@@ -46,14 +43,14 @@ class KVInjection:
     if h != w or h not in args.correspondence:
       raise ValueError(f"{call.site.path}: no correspondence for a {h}x{w} grid (have {sorted(args.correspondence)})")
     corr = args.correspondence[h]
-    take = (corr.inject & args.active)[:, :, None, None]  # [B, L, 1, 1]
+    take = (corr.inject & args.active[:, None])[:, :, None, None]  # [B, L, 1, 1]
     src = corr.source[:, :, None, None]
+    gen, ref = self.layout.index("cond_gen"), self.layout.index("cond_ref")
 
     def swap(x):
-      x4 = _rows(x)
-      from_ref = jnp.take_along_axis(x4[:, COND_REF], src, axis=1)
-      gen = jnp.where(take, from_ref, x4[:, COND_GEN])
-      return x4.at[:, COND_GEN].set(gen).reshape(x.shape)
+      rows = self.layout.split(x)  # [B, rows, L, heads, d]
+      from_ref = jnp.take_along_axis(rows[:, ref], src, axis=1)
+      return rows.at[:, gen].set(jnp.where(take, from_ref, rows[:, gen])).reshape(x.shape)
 
     q, k, v = (swap(a) if name in self.replace else a for name, a in zip("qkv", (call.q, call.k, call.v)))
     return attend(q, k, v), {}
@@ -61,18 +58,24 @@ class KVInjection:
 
 @dataclasses.dataclass(frozen=True)
 class MutualSelfAttention:
-  """MasaCtrl-style baseline: gen queries attend to the ref row's keys/values (no correspondence)."""
+  """MasaCtrl-style baseline: gen queries attend to the ref rows' keys/values (no correspondence)."""
 
   selector: LayerSelector
+  layout: RowLayout = KADIFF
   name: str = "mutual_self_attention"
+  needs_args = True
 
   def selects(self, site: AttentionSite) -> bool:
     return self.selector.selects(site)
 
   def __call__(self, call: AttentionCall, attend, args: InjectionArgs):
+    idx = self.layout.index
+
     def swap(x):
-      x4 = _rows(x)
-      mixed = x4.at[:, UNCOND_GEN].set(x4[:, UNCOND_REF]).at[:, COND_GEN].set(x4[:, COND_REF])
-      return jnp.where(args.active, mixed, x4).reshape(x.shape)
+      rows = self.layout.split(x)
+      mixed = (rows.at[:, idx("uncond_gen")].set(rows[:, idx("uncond_ref")])
+               .at[:, idx("cond_gen")].set(rows[:, idx("cond_ref")]))
+      on = args.active.reshape((-1,) + (1,) * (rows.ndim - 1))
+      return jnp.where(on, mixed, rows).reshape(x.shape)
 
     return attend(call.q, swap(call.k), swap(call.v)), {}

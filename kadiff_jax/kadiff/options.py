@@ -1,14 +1,26 @@
-"""KA-Diff options. Every default reproduces the reference release (spec section 9)."""
+"""KA-Diff options. Every default reproduces the reference release (spec section 9).
+
+This dataclass is the only place a KA-Diff default lives: the CLI flags and
+YAML configs are derived from its fields (`kadiff_jax.config`), and the
+defaults that depend on the model (size, injection layers) are resolved in
+one place, `for_model`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
+from kadiff_jax.config import csv_tuple, option
 from kadiff_jax.models.attention import LayerSelector, parse_layers
 from kadiff_jax.schedulers import DDIM, SchedulerConfig
 
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 DEFAULT_PROMPT = "best quality, high quality"
+MODES = ("kadiff", "masactrl", "baseline")
+# The release's layers 44-70 (spec 6.2) exist in UNets numbered like SDXL's: the last 21 transformer blocks of
+# up_blocks[0] and all of up_blocks[1]. Other UNets inject into every up-block self-attention layer.
+SDXL_INJECT_LAYERS = "44-70"
+OTHER_INJECT_LAYERS = "up_blocks.*"
 
 
 def kadiff_scheduler() -> DDIM:
@@ -16,29 +28,56 @@ def kadiff_scheduler() -> DDIM:
   return DDIM(SchedulerConfig(steps_offset=0), clip_sample=False, set_alpha_to_one=False)
 
 
+def parse_step_range(value: str) -> tuple[int, int]:
+  """'19-49' -> (19, 49); '30' -> (30, 30)."""
+  lo, _, hi = str(value).partition("-")
+  try:
+    return int(lo), int(hi or lo)
+  except ValueError:
+    raise ValueError(f"expected START-END, e.g. 19-49, got {value!r}") from None
+
+
+def parse_mask_threshold(value: str) -> str | float:
+  if value == "otsu":
+    return value
+  try:
+    return float(value)
+  except ValueError:
+    raise ValueError(f"expected 'otsu' or a number in [0, 1], got {value!r}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class KADiffOptions:
-  steps: int = 50
-  guidance: float = 5.0
-  inversion_guidance: float = 7.5
-  size: int | None = None                    # height = width; None: the model's (1024 for SDXL, as the reference)
-  ip_scale: float | None = None              # None: the adapter's default (0.5 Plus)
-  negative_prompt: str = DEFAULT_NEGATIVE
-  inject_layers: str = "44-70"               # flat self-attention numbers and/or module-path globs
-  inject_steps: tuple[int, int] | None = None  # inclusive, 0-based; None: 19-49 of 50, scaled to `steps`
-  threshold: float = 0.7
-  inject: tuple[str, ...] = ("k", "v")       # Q1b: the reference computes a replaced query, then drops it
-  inversion_uncond: str = "reference"        # Q1: "reference" | "negative_prompt"
-  mask_padding: str = "foreground"           # Q2: "foreground" | "background"
-  use_init_latents: bool = False
-  mode: str = "kadiff"                       # "kadiff" | "masactrl" | "baseline"
-  mask_layers: str = "*"                     # attn2 layers whose maps make the automatic concept mask
-  mask_words: tuple[str, ...] | None = None  # subject words of ref_prompt for the automatic mask; None: content words
-  mask_threshold: str | float = "otsu"       # automatic mask: "otsu" or a fixed fraction of the normalised map
+  mode: str = option("kadiff", "KA-Diff injection, the plain IP-Adapter image from the same noise (baseline), "
+                     "or MasaCtrl-style mutual self-attention", choices=MODES)
+  steps: int = option(50, "DDIM steps (inversion and generation)")
+  guidance: float = option(5.0, "classifier-free guidance of generation")
+  inversion_guidance: float = option(7.5, "classifier-free guidance of the DDIM inversion")
+  size: int | None = option(None, "image side in pixels (square); default: the model's (1024 for SDXL)")
+  ip_scale: float | None = option(None, "IP-Adapter scale; default: the adapter's (0.5 Plus, 0.6 base)")
+  negative_prompt: str = option(DEFAULT_NEGATIVE, "negative prompt of generation")
+  inject_layers: str | None = option(
+      None, f"self-attention layers to inject: flat numbers and/or module-path globs; default: "
+      f"{SDXL_INJECT_LAYERS} on SDXL-numbered UNets, {OTHER_INJECT_LAYERS} otherwise")
+  inject_steps: tuple[int, int] | None = option(
+      None, "START-END denoising steps with injection (0-based, inclusive); default: 19-49 of 50, scaled",
+      parse=parse_step_range)
+  threshold: float = option(0.7, "cosine-distance threshold below which a matched target is injected")
+  inject: tuple[str, ...] = option(("k", "v"), "what the matched source replaces (Q1b: k,v)", parse=csv_tuple)
+  inversion_uncond: str = option("reference", "Q1: inversion's uncond half: the reference's cond sequence "
+                                 "(reference) or the negative prompt", choices=("reference", "negative_prompt"))
+  mask_padding: str = option("foreground", "Q2: what a non-square mask is padded with",
+                             choices=("foreground", "background"))
+  use_init_latents: bool = option(False, "start from the inverted reference inside the mask (spec 5)")
+  mask_layers: str = option("*", "mask auto: cross-attention layers whose maps are averaged")
+  mask_words: tuple[str, ...] | None = option(None, "mask auto: subject words of the ref_prompt; default: its "
+                                              "content words", parse=csv_tuple)
+  mask_threshold: str | float = option("otsu", "mask auto: 'otsu' or a fraction in [0, 1]",
+                                       parse=parse_mask_threshold)
 
   def __post_init__(self):
     checks = (("inversion_uncond", ("reference", "negative_prompt")), ("mask_padding", ("foreground", "background")),
-              ("mode", ("kadiff", "masactrl", "baseline")))
+              ("mode", MODES))
     for name, allowed in checks:
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -51,17 +90,26 @@ class KADiffOptions:
       raise ValueError(f"size={self.size}: expected a positive multiple of 8")
     if self.steps < 2:
       raise ValueError(f"steps={self.steps}: expected at least 2")
+    if self.inject_layers is not None:
+      parse_layers(self.inject_layers)  # a malformed spec fails here, before any model loads
     lo, hi = self.step_range()
     if not 0 <= lo <= hi < self.steps:
       raise ValueError(f"inject_steps=({lo}, {hi}): expected 0 <= start <= end < steps={self.steps}")
 
   def for_model(self, models) -> "KADiffOptions":
-    """These options with the size resolved and checked against the model's downsampling."""
+    """These options with every model-dependent default resolved (size, injection layers) and checked."""
+    from kadiff_jax.models import unet
     size = self.size or models.default_size
     unit = models.vae_scale_factor * 2 ** (len(models.unet_config.block_out_channels) - 1)
     if size % unit:
       raise ValueError(f"size={size}: this model needs a multiple of {unit} (square feature maps at every level)")
-    return dataclasses.replace(self, size=size)
+    layers = self.inject_layers
+    if layers is None:
+      numbering = lambda cfg: {p: (s.kind, s.index) for p, s in unet.attention_sites(cfg).items()}
+      sdxl_numbered = numbering(models.unet_config) == numbering(unet.sdxl_base())
+      layers = SDXL_INJECT_LAYERS if sdxl_numbered else OTHER_INJECT_LAYERS
+    parse_layers(layers).select(tuple(unet.attention_sites(models.unet_config).values()), "inject_layers")
+    return dataclasses.replace(self, size=size, inject_layers=layers)
 
   def step_range(self) -> tuple[int, int]:
     """Denoising steps with injection; the reference's 19-49 of 50 scaled to other step counts."""
@@ -70,4 +118,6 @@ class KADiffOptions:
     return round(19 * self.steps / 50), self.steps - 1
 
   def layer_selector(self) -> LayerSelector:
+    if self.inject_layers is None:
+      raise ValueError("inject_layers is resolved per model: call options.for_model(models) first")
     return parse_layers(self.inject_layers, kind="self")

@@ -1,11 +1,18 @@
-"""Reference preparation (spec 4-5): image and mask loading, DDIM inversion with DIFT capture, the cache.
+"""Reference preparation (spec 4-5): everything KA-Diff needs of a reference, computed once.
 
-`invert_reference` runs the inversion as one jitted `lax.scan` and returns a
-`ReferenceCache`: the latent trajectory in denoising order (entry s is what
-the denoiser sees at step s; entry 0 is z_T, the last is z0_ref) and the
-cond-half `up_blocks.0` features, also in denoising order (entry s was
-captured at the timestep of denoising step s). A cache is saved as npz +
-JSON manifest and refused when loaded for a different model or schedule.
+`prepare_references` reads each reference image once and returns a
+`PreparedReference`: its pixels, IP-Adapter tokens, ref_prompt embeddings,
+and its DDIM inversion, run batched over the mesh on the one sampler: the
+latent trajectory in denoising order (entry s is what the denoiser sees at
+step s; entry 0 is z_T, the last is z0_ref) and the cond-row `up_blocks.0`
+(DIFT) features, also in denoising order (entry s was captured at the
+timestep of denoising step s). The inversion's text cross-attention maps are
+recorded only when an automatic mask is asked for.
+
+The inversion is cached as one `.npz` per reference that holds its own
+manifest (written to a temporary name, then renamed: a reader never sees half
+an entry). A cache made for another model, schedule or option set is refused
+by name; an unreadable one is inverted again with a warning.
 """
 
 from __future__ import annotations
@@ -14,23 +21,27 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
-from kadiff_jax import image_io
+from kadiff_jax import image_io, sharding
 from kadiff_jax.kadiff import concept_mask
 from kadiff_jax.kadiff.options import KADiffOptions, kadiff_scheduler
 from kadiff_jax.models import ip_adapter, unet, vae
 from kadiff_jax.pipelines import conditioning
+from kadiff_jax.sampling import CFG, sample
 from kadiff_jax.weights.sdxl import SDXLModels
 
-CACHE_VERSION = 2
+log = logging.getLogger(__name__)
+CACHE_VERSION = 3
 
 
 def load_mask(path_or_image, size: int, padding: str = "foreground") -> np.ndarray:
@@ -52,123 +63,266 @@ def ip_reference(image: Image.Image, size: int) -> Image.Image:
   return image.resize((size // 2, size // 2), resample=Image.BICUBIC)
 
 
+def image_sha256(image: Image.Image) -> str:
+  return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
+
+
 @dataclasses.dataclass(frozen=True)
-class ReferenceCache:
-  latents: np.ndarray   # [S + 1, h, w, C] denoising order: [0] = z_T ... [S] = z0_ref
-  features: np.ndarray  # [S, H/16, W/16, C_dift] denoising order: [s] captured at timestep t_s
+class Inversion:
+  """A reference's DDIM inversion: what the cache holds."""
+
+  latents: np.ndarray    # [S + 1, h, w, C] denoising order: [0] = z_T ... [S] = z0_ref
+  features: np.ndarray   # [S, H/16, W/16, C_dift] denoising order: [s] captured at timestep t_s
   timesteps: np.ndarray  # [S] denoising-order timesteps
   manifest: dict[str, Any]
   cross_attention: np.ndarray | None = None  # [r, r, T] cond-row text attention, mean over layers and steps
 
   def save(self, path: str | os.PathLike) -> Path:
-    """Writes `path`.npz and `path`.json atomically."""
+    """Writes `path` (.npz added if missing) as one file, atomically: the manifest travels inside."""
     path = Path(path)
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     extra = {} if self.cross_attention is None else {"cross_attention": self.cross_attention}
-    np.savez(tmp, latents=self.latents, features=self.features, timesteps=self.timesteps, **extra)
-    os.replace(tmp, path.with_suffix(".npz"))
-    tmp_json = path.with_name(f".{path.name}.tmp{os.getpid()}.json")
-    tmp_json.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
-    os.replace(tmp_json, path.with_suffix(".json"))
-    return path.with_suffix(".npz")
+    with open(tmp, "wb") as f:
+      np.savez(f, latents=self.latents, features=self.features, timesteps=self.timesteps,
+               manifest=np.asarray(json.dumps(self.manifest, sort_keys=True)), **extra)
+    os.replace(tmp, path)
+    return path
 
 
-def cache_manifest(models: SDXLModels, adapter: ip_adapter.IPAdapter, reference_sha: str, ref_prompt: str,
-                   options: KADiffOptions) -> dict[str, Any]:
-  """What a cache depends on; loading compares it field by field."""
+def inversion_manifest(models: SDXLModels, adapter: ip_adapter.IPAdapter, reference_sha: str, ref_prompt: str,
+                       options: KADiffOptions, auto_mask: bool) -> dict[str, Any]:
+  """What an inversion depends on; loading compares it field by field. The mask layers count only
+  when the cross-attention maps are recorded (an automatic mask)."""
   return {"version": CACHE_VERSION, "model": str(models.source),
           "unet": hashlib.sha256(json.dumps(models.unet_config.to_diffusers(), sort_keys=True).encode()).hexdigest()[:16],
-          "ip_adapter": adapter.source, "ip_scale": _scale(adapter, options), "reference_sha256": reference_sha,
+          "ip_adapter": adapter.source, "ip_scale": ip_scale(adapter, options), "reference_sha256": reference_sha,
           "ref_prompt": ref_prompt, "steps": options.steps, "size": options.size,
           "scheduler": dataclasses.asdict(kadiff_scheduler().config), "inversion_guidance": options.inversion_guidance,
           "inversion_uncond": options.inversion_uncond, "negative_prompt": options.negative_prompt,
-          "mask_layers": options.mask_layers}
+          "cross_attention_layers": options.mask_layers if auto_mask else None}
 
 
-def load_cache(path: str | os.PathLike, expected: dict[str, Any] | None = None) -> ReferenceCache:
-  """Loads a cache; with `expected` (a manifest), refuses one made differently, naming the fields."""
+def load_inversion(path: str | os.PathLike, expected: dict[str, Any] | None = None) -> Inversion:
+  """Loads a cached inversion; with `expected` (a manifest), refuses one made differently, naming the fields."""
   path = Path(path)
-  npz, js = path.with_suffix(".npz"), path.with_suffix(".json")
-  if not npz.is_file() or not js.is_file():
-    raise FileNotFoundError(f"reference cache {path}: expected {npz.name} and {js.name}")
-  manifest = json.loads(js.read_text())
+  if not path.is_file():
+    raise FileNotFoundError(f"reference cache {path} does not exist")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      manifest = json.loads(str(z["manifest"]))
+      arrays = {k: z[k] for k in z.files if k != "manifest"}
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    raise CacheUnreadable(f"reference cache {path} is unreadable ({type(e).__name__}: {e})") from None
+  if not isinstance(manifest, dict):
+    raise CacheUnreadable(f"reference cache {path}: its manifest is not a JSON object")
   if expected is not None:
     diff = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
     if diff:
       lines = ", ".join(f"{k}: cache has {a!r}, this run needs {b!r}" for k, (a, b) in sorted(diff.items()))
-      raise ValueError(f"reference cache {npz} was made for a different setup ({lines}); delete it or use another")
-  with np.load(npz) as z:
-    return ReferenceCache(z["latents"], z["features"], z["timesteps"], manifest,
-                          z["cross_attention"] if "cross_attention" in z.files else None)
+      raise ValueError(f"reference cache {path} was made for a different setup ({lines}); delete it or use another")
+  missing = {"latents", "features", "timesteps"} - set(arrays)
+  if missing:
+    raise CacheUnreadable(f"reference cache {path} lacks {sorted(missing)}")
+  return Inversion(arrays["latents"], arrays["features"], arrays["timesteps"], manifest,
+                   arrays.get("cross_attention"))
 
 
-def _scale(adapter, options: KADiffOptions) -> float:
+class CacheUnreadable(ValueError):
+  """A cache file that cannot be read (truncated, not an npz, no manifest)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedReference:
+  """One reference, prepared once: what generation, masks and pictures read."""
+
+  path: str                 # where the image came from ("" for an in-memory image)
+  image: Image.Image        # RGB, as read
+  ref_prompt: str
+  embeds: np.ndarray        # [77, D] ref_prompt's sequence embeddings (both SDXL text encoders)
+  pooled: np.ndarray        # [P] its pooled embedding
+  ip_tokens: np.ndarray     # [N, C] the reference's IP-Adapter image tokens
+  ip_uncond: np.ndarray     # [N, C] the adapter's unconditional tokens
+  inversion: Inversion
+
+  @property
+  def latents(self) -> np.ndarray:
+    return self.inversion.latents
+
+  @property
+  def features(self) -> np.ndarray:
+    return self.inversion.features
+
+  @property
+  def timesteps(self) -> np.ndarray:
+    return self.inversion.timesteps
+
+  @property
+  def cross_attention(self) -> np.ndarray | None:
+    return self.inversion.cross_attention
+
+
+def ip_scale(adapter, options: KADiffOptions) -> float:
   return adapter.default_scale if options.ip_scale is None else float(options.ip_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("unet_config", "vae_config", "scheduler", "num_steps", "dtype",
-                                             "hooks", "vae_dtype"))
+                                             "hooks", "vae_dtype", "cross_attention"))
 def _invert(unet_params, vae_params, pixels, cond, guidance, hook_args, *, unet_config, vae_config, scheduler,
-            num_steps, dtype, hooks, vae_dtype):
+            num_steps, dtype, hooks, vae_dtype, cross_attention: bool):
   """Encodes [B, H, W, 3] and inverts it; returns (latents [B, S+1, ...], features [B, S, ...]) in inversion
-  order, and the cond rows' text cross-attention maps [B, r, r, T] averaged over layers and steps."""
+  order, and with `cross_attention` the cond rows' text cross-attention maps [B, r, r, T] averaged over
+  layers and steps."""
   state = scheduler.set_timesteps(num_steps)
   z0 = vae.encode(vae_params, pixels.astype(vae_dtype), config=vae_config, dtype=vae_dtype).astype(jnp.float32)
 
-  def body(z, k):
-    i = num_steps - 1 - k  # ascending timesteps: index into the descending schedule
-    t = state.timesteps[i]
-    eps, aux = unet.apply(unet_params, jnp.repeat(z, 2, axis=0), t, cond, config=unet_config, dtype=dtype,
-                          hooks=hooks, hook_args=hook_args, capture=("up_blocks.0",))
-    eps = eps.astype(jnp.float32).reshape((-1, 2) + z.shape[1:])
-    eps = eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0])
-    z_next = scheduler.invert_step(state, i, z, eps)
-    feat = aux["up_blocks.0"].reshape((-1, 2) + aux["up_blocks.0"].shape[1:])[:, 1]  # cond half
-    return z_next, (z_next, feat, concept_mask.aggregate_layers(aux))
+  def denoiser(z, t, i, carry):
+    eps, aux = unet.apply(unet_params, CFG.broadcast(z), t, cond, config=unet_config, dtype=dtype, hooks=hooks,
+                          hook_args=hook_args, capture=("up_blocks.0",))
+    out = {"features": CFG.take(aux["up_blocks.0"], "cond")}
+    if cross_attention:
+      out["cross_attention"] = concept_mask.aggregate_layers(aux)
+    return CFG.guide(eps, guidance), carry, out
 
-  _, (zs, feats, attn) = jax.lax.scan(body, z0, jnp.arange(num_steps))
-  latents = jnp.concatenate([z0[None], zs], axis=0)  # [S+1, B, ...], inversion order
-  return jnp.moveaxis(latents, 0, 1), jnp.moveaxis(feats, 0, 1), attn.mean(axis=0)
+  _, aux = sample(denoiser, scheduler, state, z0, invert=True, trajectory=True)
+  latents = jnp.concatenate([z0[None], aux["x"]], axis=0)  # [S+1, B, ...], inversion order
+  attn = aux["cross_attention"].mean(axis=0) if cross_attention else None
+  return jnp.moveaxis(latents, 0, 1), jnp.moveaxis(aux["features"], 0, 1), attn
 
 
-def inversion_conditioning(models: SDXLModels, adapter: ip_adapter.IPAdapter, ref_prompts: list[str],
-                           references: list[Image.Image], options: KADiffOptions):
-  """UNet conditioning and IP-Adapter args for inversion rows [uncond_i, cond_i] per reference (Q1)."""
-  n = len(ref_prompts)
-  pos = conditioning.encode_prompts(models, ref_prompts)
-  pixels = ip_adapter.preprocess_references([ip_reference(r, options.size) for r in references], adapter)
-  tok_c, tok_u = ip_adapter.image_tokens(adapter, jnp.asarray(pixels))
+def inversion_conditioning(prepared: Sequence[PreparedReference], models: SDXLModels, options: KADiffOptions,
+                           scale: float):
+  """UNet conditioning and IP-Adapter rows for inversion, CFG layout [uncond_i, cond_i] per reference (Q1)."""
+  n = len(prepared)
+  embeds = jnp.asarray(np.stack([p.embeds for p in prepared]))
+  pooled = jnp.asarray(np.stack([p.pooled for p in prepared]))
+  tok_c = jnp.asarray(np.stack([p.ip_tokens for p in prepared]))
   if options.inversion_uncond == "reference":  # Q1: cond sequence in both halves, zero pooled for uncond
-    neg_embeds, neg_pooled, neg_tokens = pos.embeds, jnp.zeros_like(pos.pooled), tok_c
+    neg_embeds, neg_pooled, neg_tokens = embeds, jnp.zeros_like(pooled), tok_c
   else:
     neg = conditioning.encode_prompts(models, [options.negative_prompt] * n)
-    neg_embeds, neg_pooled, neg_tokens = neg.embeds, neg.pooled, tok_u
-  pair = lambda a, b: jnp.stack([a, b], axis=1).reshape((2 * n,) + a.shape[1:])
-  ids = conditioning.time_ids(options.size, options.size, n)
-  cond = unet.UNetCond(pair(neg_embeds, pos.embeds), pair(neg_pooled, pos.pooled), pair(ids, ids))
-  scale = jnp.full((2 * n,), _scale(adapter, options), jnp.float32)
-  return cond, ip_adapter.IPAdapterArgs(adapter.layers, pair(neg_tokens, tok_c), scale)
+    neg_embeds, neg_pooled = neg.embeds, neg.pooled
+    neg_tokens = jnp.asarray(np.stack([p.ip_uncond for p in prepared]))
+  cond = unet.UNetCond(CFG.interleave({"uncond": neg_embeds, "cond": embeds}),
+                       CFG.interleave({"uncond": neg_pooled, "cond": pooled}),
+                       CFG.broadcast(conditioning.time_ids(options.size, options.size, n)))
+  rows = ip_adapter.IPAdapterRows(CFG.interleave({"uncond": neg_tokens, "cond": tok_c}),
+                                  jnp.full((CFG.rows * n,), scale, jnp.float32))
+  return cond, rows
 
 
-def invert_reference(models: SDXLModels, adapter: ip_adapter.IPAdapter, reference, ref_prompt: str,
-                     options: KADiffOptions = KADiffOptions()) -> ReferenceCache:
-  """DDIM-inverts one reference image (path or PIL) conditioned on `ref_prompt` and its own image tokens."""
-  options = options.for_model(models)
-  image = image_io.load_rgb(reference)
-  sha = hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
-  cond, ip_args = inversion_conditioning(models, adapter, [ref_prompt], [image], options)
-  pixels = jnp.asarray(reference_pixels(image, options.size))[None]
-  sched = kadiff_scheduler()
+def _invert_batch(models, adapter, prepared: list[PreparedReference], options: KADiffOptions, auto_mask: bool,
+                  mesh) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+  n = len(prepared)
+  cond, rows = inversion_conditioning(prepared, models, options, ip_scale(adapter, options))
+  pixels = np.stack([reference_pixels(p.image, options.size) for p in prepared])
+  hooks = (ip_adapter.IPAdapterAttention(upcast=models.unet_config.upcast_attention),)
+  if auto_mask:
+    selector = concept_mask.mask_selector(options.mask_layers)
+    selector.select(tuple(unet.attention_sites(models.unet_config).values()), "mask_layers")
+    hooks += (concept_mask.CrossAttentionMaps(selector),)
+  hook_args = sharding.place_hook_inputs({"ip_adapter": ip_adapter.hook_inputs(adapter, *rows)}, mesh, n, CFG.rows)
   latents, feats, attn = _invert(
-      models.unet_params, models.vae_params, pixels, cond, jnp.float32(options.inversion_guidance),
-      {"ip_adapter": ip_args}, unet_config=models.unet_config, vae_config=models.vae_config, scheduler=sched,
-      num_steps=options.steps, dtype=jax.tree_util.tree_leaves(models.unet_params)[0].dtype,
-      hooks=(ip_adapter.IPAdapterAttention(upcast=models.unet_config.upcast_attention),
-             concept_mask.CrossAttentionMaps(concept_mask.mask_selector(options.mask_layers))),
-      vae_dtype=jax.tree_util.tree_leaves(models.vae_params)[0].dtype)
-  timesteps = np.asarray(sched.set_timesteps(options.steps).timesteps)
+      sharding.replicate(models.unet_params, mesh), sharding.replicate(models.vae_params, mesh),
+      sharding.shard_jobs(pixels, mesh, n), sharding.shard_jobs(cond, mesh, n, CFG.rows),
+      jnp.float32(options.inversion_guidance), hook_args, unet_config=models.unet_config,
+      vae_config=models.vae_config, scheduler=kadiff_scheduler(), num_steps=options.steps,
+      dtype=jax.tree_util.tree_leaves(models.unet_params)[0].dtype, hooks=hooks,
+      vae_dtype=jax.tree_util.tree_leaves(models.vae_params)[0].dtype, cross_attention=auto_mask)
+  latents, feats = sharding.to_host(latents)[:n], sharding.to_host(feats)[:n]
+  attn = sharding.to_host(attn)[:n] if auto_mask else [None] * n
   # inversion order -> denoising order: latents reversed; the feature captured at inversion call k
   # (timestep t_{S-1-k}) belongs to denoising step S-1-k.
-  return ReferenceCache(np.asarray(latents[0])[::-1].copy(), np.asarray(feats[0])[::-1].copy(), timesteps,
-                        cache_manifest(models, adapter, sha, ref_prompt, options), np.asarray(attn[0]))
+  return [(latents[b][::-1].copy(), feats[b][::-1].copy(), attn[b]) for b in range(n)]
+
+
+def _with_inputs(models, adapter, sources: Sequence[tuple[str, Image.Image, str]],
+                 options: KADiffOptions) -> list[PreparedReference]:
+  """(path, image, ref_prompt) -> PreparedReference without its inversion: text and image tokens, batched."""
+  text = conditioning.encode_prompts(models, [p for _, _, p in sources])
+  pixels = ip_adapter.preprocess_references([ip_reference(im, options.size) for _, im, _ in sources], adapter)
+  tok_c, tok_u = (np.asarray(a) for a in ip_adapter.image_tokens(adapter, jnp.asarray(pixels)))
+  embeds, pooled = np.asarray(text.embeds), np.asarray(text.pooled)
+  empty = Inversion(np.zeros(0), np.zeros(0), np.zeros(0), {})
+  return [PreparedReference(path, im, prompt, embeds[k], pooled[k], tok_c[k], tok_u[k], empty)
+          for k, (path, im, prompt) in enumerate(sources)]
+
+
+def prepare_references(models: SDXLModels, adapter: ip_adapter.IPAdapter, requests: Sequence[tuple[Any, str]],
+                       options: KADiffOptions, *, auto_mask: bool = False, cache_dir: str | os.PathLike | None = None,
+                       mesh=None, batch_size: int | None = None, progress=None) -> list[PreparedReference]:
+  """Prepares every (image path or PIL image, ref_prompt) once, in request order (repeats share one).
+
+  Each image is read once. Inversions come from `cache_dir` when it holds a
+  matching one; the others run `batch_size` references at a time (default: one
+  per device) over the mesh and are saved there. With `auto_mask`, the
+  cross-attention maps are recorded too. `progress(k)` is called as k more are done.
+  """
+  if not requests:
+    return []
+  options = options.for_model(models)
+  mesh = mesh or sharding.data_mesh()
+  ident = lambda ref, prompt: (str(ref) if isinstance(ref, (str, os.PathLike)) else id(ref), prompt)
+  first: dict[tuple, int] = {}
+  sources = []
+  for ref, prompt in requests:
+    if ident(ref, prompt) not in first:
+      first[ident(ref, prompt)] = len(sources)
+      sources.append((str(ref) if isinstance(ref, (str, os.PathLike)) else "", image_io.load_rgb(ref), prompt))
+  partial = _with_inputs(models, adapter, sources, options)
+  manifests = [inversion_manifest(models, adapter, image_sha256(p.image), p.ref_prompt, options, auto_mask)
+               for p in partial]
+  cache_dir = Path(cache_dir) if cache_dir else None
+  paths = [cache_dir / f"ref-{cache_key(m)}.npz" if cache_dir else None for m in manifests]
+  inversions: dict[int, Inversion] = {}
+  for k, (path, m) in enumerate(zip(paths, manifests)):
+    if path is not None and path.is_file():
+      try:
+        inversions[k] = load_inversion(path, m)
+        log.info("reference %s: cache %s", partial[k].path or "<image>", path)
+      except CacheUnreadable as e:
+        log.warning("%s; inverting it again", e)
+  todo = [k for k in range(len(partial)) if k not in inversions]
+  timesteps = np.asarray(kadiff_scheduler().set_timesteps(options.steps).timesteps)
+  bs = batch_size or mesh.size
+  for start in range(0, len(todo), bs):
+    chunk = todo[start:start + bs]
+    results = _invert_batch(models, adapter, [partial[k] for k in chunk], options, auto_mask, mesh)
+    for k, (lat, feat, attn) in zip(chunk, results):
+      inversions[k] = Inversion(lat, feat, timesteps, {**manifests[k], "reference_path": partial[k].path}, attn)
+      if paths[k] is not None and sharding.is_writer():
+        inversions[k].save(paths[k])
+    if progress is not None:
+      progress(len(chunk))
+  done = [dataclasses.replace(p, inversion=inversions[k]) for k, p in enumerate(partial)]
+  return [done[first[ident(ref, prompt)]] for ref, prompt in requests]
+
+
+def cache_key(manifest: dict) -> str:
+  """The cache file name's key: a hash of what the inversion depends on."""
+  return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare_reference(models, adapter, reference, ref_prompt: str, options: KADiffOptions = KADiffOptions(),
+                      **kwargs) -> PreparedReference:
+  """`prepare_references` for one (image, ref_prompt)."""
+  return prepare_references(models, adapter, [(reference, ref_prompt)], options, **kwargs)[0]
+
+
+def from_cache_file(models, adapter, path: str | os.PathLike, options: KADiffOptions) -> PreparedReference:
+  """A reference prepared from a `kadiff invert` output: the image it names (checked by content), its
+  ref_prompt, and the stored inversion (checked against this run's model and options)."""
+  options = options.for_model(models)
+  inv = load_inversion(path)
+  image_path, ref_prompt = inv.manifest.get("reference_path"), inv.manifest.get("ref_prompt")
+  if not image_path or ref_prompt is None:
+    raise ValueError(f"reference cache {path} names no reference image or ref_prompt")
+  image = image_io.load_rgb(image_path)
+  layers = inv.manifest.get("cross_attention_layers")
+  expected = inversion_manifest(models, adapter, image_sha256(image), ref_prompt,
+                                dataclasses.replace(options, mask_layers=layers or options.mask_layers),
+                                layers is not None)
+  load_inversion(path, expected)  # refuses another model, schedule, option set or image, by field
+  return dataclasses.replace(_with_inputs(models, adapter, [(str(image_path), image, ref_prompt)], options)[0],
+                             inversion=inv)

@@ -90,6 +90,7 @@ def run(models, adapter, retriever, queries: Sequence[Query], options, out_dir: 
         baseline: bool = True, batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
   """Retrieves, generates and records every query; returns counts. Finished queries are skipped."""
   from kadiff_jax import sharding
+  from kadiff_jax.job import Job
   from kadiff_jax.kadiff import jobs as kjobs
 
   if on_no_match not in ("skip", "top1"):
@@ -119,7 +120,7 @@ def run(models, adapter, retriever, queries: Sequence[Query], options, out_dir: 
                   outputs={"ours": f"{q.id}.png", "grid": f"{q.id}_grid.png",
                            **({"baseline": f"{q.id}_baseline.png"} if baseline else {})})
     records[q.id] = record
-    jobs.append(kjobs.Job(q.id, q.prompt, entry.image, ref_prompt, q.mask, q.seed))
+    jobs.append(Job(q.id, q.prompt, q.seed, reference=entry.image, ref_prompt=ref_prompt, mask=q.mask))
   done = kjobs.run(models, adapter, jobs, options, out_dir, cache_dir=cache_dir, baseline=baseline,
                    batch_size=batch_size, progress=progress) if jobs else {}
   if sharding.is_writer():

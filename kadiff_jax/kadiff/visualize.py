@@ -1,7 +1,7 @@
 """Pictures of what KA-Diff did: matches, matched distances, injected positions, cross-attention.
 
 Pure numpy + PIL drawing over the per-step correspondences that
-`generate.run_jobs(..., correspondence_out=True)` returns:
+`generate.run_jobs(..., record=("correspondence",))` returns in `aux["correspondence"]`:
 
 - `matches_image`: reference | generated side by side; each drawn match is a
   dot at its source pixel, a dot at its target pixel and a line between

@@ -8,6 +8,7 @@ innermost `attend` is plain scaled dot-product attention with an fp32
 softmax. A hook is a frozen (hashable, hence jit-static) object:
 
     hook.name                       key of its traced inputs in `hook_args`
+    hook.needs_args                 whether a call without its inputs is an error
     hook.selects(site) -> bool      static layer selection
     hook(call, attend, args) -> (out [B, Lq, heads, dim_head], aux dict)
 
@@ -31,13 +32,27 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSite:
-  """Static identity of one attention layer."""
+  """Static identity of one attention layer, with the facts hooks need about it."""
 
   path: str             # diffusers module path, e.g. "up_blocks.1.attentions.0.transformer_blocks.1.attn1"
   kind: str             # "self" (attn1) or "cross" (attn2)
   index: int            # KA-Diff flat 1-based numbering per kind: down blocks, mid block, up blocks
   processor_index: int  # 0-based position in diffusers' `unet.attn_processors` (down, up, mid)
   region: str           # "down" | "mid" | "up"
+  channels: int = 0     # query width = heads * dim_head
+  heads: int = 1
+  level: int = 0        # times the latent grid was halved before this layer (0: full latent resolution)
+
+  @property
+  def dim_head(self) -> int:
+    return self.channels // self.heads
+
+  def grid(self, height: int, width: int | None = None) -> tuple[int, int]:
+    """(h, w) of this layer's query grid for a latent of height x width (stride-2 convs round up)."""
+    h, w = height, height if width is None else width
+    for _ in range(self.level):
+      h, w = -(-h // 2), -(-w // 2)
+    return h, w
 
 
 class AttentionCall(NamedTuple):
@@ -55,8 +70,21 @@ class AttentionCall(NamedTuple):
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+class HookInputs(NamedTuple):
+  """A hook's traced inputs, split by how they follow the batch.
+
+  `params` are the same for every UNet row (weights: replicated over devices);
+  `rows` are per UNet row, every leaf with a leading axis of rows (placed with
+  the batch, so each device shard holds its own rows).
+  """
+
+  params: Any = None
+  rows: Any = None
+
+
 class AttentionHook(Protocol):
   name: str
+  needs_args: bool
 
   def selects(self, site: AttentionSite) -> bool: ...
 
@@ -83,9 +111,14 @@ def run_hooks(call: AttentionCall, hooks: Sequence[AttentionHook], hook_args: di
     hook = active[i]
     inner = chain(i + 1)
 
+    args = (hook_args or {}).get(hook.name)
+    if args is None and getattr(hook, "needs_args", True):
+      raise ValueError(f"attention hook {hook.name!r} at {call.site.path} has no inputs: pass them as "
+                       f"hook_args[{hook.name!r}] (hook_args has {sorted(hook_args or {})})")
+
     def attend(q, k, v):
       sub = call._replace(q=q, k=k, v=v)
-      out, hook_aux = hook(sub, inner, (hook_args or {}).get(hook.name))
+      out, hook_aux = hook(sub, inner, args)
       for key, val in hook_aux.items():
         aux[f"{call.site.path}/{hook.name}.{key}"] = val
       return out
@@ -109,6 +142,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, context=None, spatial=(0, 0), hooks=(), hook_args=None):
     inner = self.heads * self.dim_head
+    if self.site is not None and self.site.channels and self.site.channels != inner:
+      raise ValueError(f"{self.site.path}: site says {self.site.channels} channels, the layer has {inner}")
     b, lq, c = x.shape
     ctx = x if context is None else context
     q = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
@@ -145,6 +180,31 @@ class LayerSelector:
     if site.kind != self.kind:
       return False
     return site.index in self.indices or any(fnmatch.fnmatchcase(site.path, p) for p in self.patterns)
+
+  def select(self, sites: Sequence[AttentionSite], what: str = "layer selection") -> tuple[AttentionSite, ...]:
+    """The sites this selector picks; selecting nothing is an error that lists what exists."""
+    chosen = tuple(s for s in sites if self.selects(s))
+    if not chosen:
+      kind = [s for s in sites if s.kind == self.kind]
+      numbers = f"{kind[0].index}-{kind[-1].index}" if kind else "none"
+      blocks = sorted({s.path.split(".transformer_blocks")[0] + ".*" for s in kind})
+      raise ValueError(f"{what} {self.describe()!r} matches no {self.kind}-attention layer of this UNet; it has "
+                       f"layers {numbers} ({len(kind)} in all), by path: {', '.join(blocks)}")
+    return chosen
+
+  def describe(self) -> str:
+    """The selector written back as a layer spec ("44-70,up_blocks.1.*")."""
+    return ",".join(_ranges(sorted(self.indices)) + list(self.patterns))
+
+
+def _ranges(nums: list[int]) -> list[str]:
+  out: list[tuple[int, int]] = []
+  for n in nums:
+    if out and out[-1][1] == n - 1:
+      out[-1] = (out[-1][0], n)
+    else:
+      out.append((n, n))
+  return [f"{a}" if a == b else f"{a}-{b}" for a, b in out]
 
 
 def parse_layers(spec: str, kind: str = "self") -> LayerSelector:

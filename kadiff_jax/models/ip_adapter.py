@@ -7,8 +7,8 @@ own key/value projections (`to_k_ip`, `to_v_ip`), added with a scale (eq. 5):
 
 `IPAdapterAttention` is an ordinary attention hook: it composes with any other
 hook (injection, interpolation) and never replaces them. Its traced inputs,
-`IPAdapterArgs`, carry the per-layer projections, the tokens of every UNet row
-and a per-row scale, so one batch can mix references and scales.
+a `HookInputs` of the per-layer projections (params) and `IPAdapterRows`, the
+tokens and scale of every UNet row, so one batch can mix references and scales.
 """
 
 from __future__ import annotations
@@ -21,13 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from kadiff_jax.models import clip_vision, image_proj
-from kadiff_jax.models.attention import AttentionCall, AttentionSite, dot_product_attention
+from kadiff_jax.models.attention import AttentionCall, AttentionSite, HookInputs, dot_product_attention
 
 
-class IPAdapterArgs(NamedTuple):
-  layers: dict[str, dict[str, jax.Array]]  # site path -> {"to_k_ip": [C_ctx, inner], "to_v_ip": [C_ctx, inner]}
-  tokens: jax.Array                        # [rows, num_tokens, C_ctx] image tokens of each UNet row
-  scale: jax.Array                         # [rows]
+class IPAdapterRows(NamedTuple):
+  tokens: jax.Array  # [rows, num_tokens, C_ctx] image tokens of each UNet row
+  scale: jax.Array   # [rows]
+
+
+def hook_inputs(adapter: "IPAdapter", tokens, scale) -> HookInputs:
+  """The hook's inputs: the adapter's per-layer K/V projections and the rows' tokens and scales."""
+  return HookInputs(adapter.layers, IPAdapterRows(tokens, scale))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,20 +40,22 @@ class IPAdapterAttention:
 
   name: str = "ip_adapter"
   upcast: bool = False
+  needs_args = True
 
   def selects(self, site: AttentionSite) -> bool:
     return site.kind == "cross"
 
-  def __call__(self, call: AttentionCall, attend, args: IPAdapterArgs):
+  def __call__(self, call: AttentionCall, attend, args: HookInputs):
     out = attend(call.q, call.k, call.v)
-    layer = args.layers[call.site.path]
-    tokens = args.tokens.astype(call.q.dtype)
+    layer = args.params[call.site.path]  # {"to_k_ip": [C_ctx, inner], "to_v_ip": [C_ctx, inner]}
+    rows: IPAdapterRows = args.rows
+    tokens = rows.tokens.astype(call.q.dtype)
     b, n, _ = tokens.shape
     heads, d = call.q.shape[2], call.q.shape[3]
     k = (tokens @ layer["to_k_ip"].astype(tokens.dtype)).reshape(b, n, heads, d)  # [B, N, heads, d]
     v = (tokens @ layer["to_v_ip"].astype(tokens.dtype)).reshape(b, n, heads, d)
     ip = dot_product_attention(call.q, k, v, upcast=self.upcast)
-    return out + args.scale.astype(out.dtype)[:, None, None, None] * ip, {}
+    return out + rows.scale.astype(out.dtype)[:, None, None, None] * ip, {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -192,46 +192,42 @@ class UNetCond(NamedTuple):
 
 @functools.lru_cache(maxsize=32)
 def attention_sites(config: UNetConfig) -> dict[str, AttentionSite]:
-  """Every attention layer of the UNet by module path, with both numberings.
+  """Every attention layer of the UNet by module path, with both numberings, width, heads and level.
 
   KA-Diff numbers layers per kind in down, mid, up order (spec 6.2);
   diffusers' processor order is down, up, mid with attn1/attn2 alternating.
   """
-  blocks: dict[str, list[str]] = {"down": [], "mid": [], "up": []}
+  n = config.num_blocks
+  rev_channels, rev_heads = tuple(reversed(config.block_out_channels)), tuple(reversed(config.attention_heads))
+  blocks: dict[str, list[tuple[str, int, int, int]]] = {"down": [], "mid": [], "up": []}  # (path, ch, heads, level)
   for b, kind in enumerate(config.down_block_types):
     if kind.startswith("CrossAttn"):
       for a in range(config.layers_per_block[b]):
         for t in range(config.transformer_layers_per_block[b]):
-          blocks["down"].append(f"down_blocks.{b}.attentions.{a}.transformer_blocks.{t}")
+          blocks["down"].append((f"down_blocks.{b}.attentions.{a}.transformer_blocks.{t}",
+                                 config.block_out_channels[b], config.attention_heads[b], b))
   if config.mid_block_type == "UNetMidBlock2DCrossAttn":
     for t in range(config.transformer_layers_per_block[-1]):
-      blocks["mid"].append(f"mid_block.attentions.0.transformer_blocks.{t}")
+      blocks["mid"].append((f"mid_block.attentions.0.transformer_blocks.{t}", config.block_out_channels[-1],
+                            config.attention_heads[-1], n - 1))
   rev_layers = tuple(reversed(config.layers_per_block))
   for b, kind in enumerate(config.up_block_types):
     if kind.startswith("CrossAttn"):
       for a in range(rev_layers[b] + 1):
         for t in range(config.up_transformer_layers[b]):
-          blocks["up"].append(f"up_blocks.{b}.attentions.{a}.transformer_blocks.{t}")
+          blocks["up"].append((f"up_blocks.{b}.attentions.{a}.transformer_blocks.{t}", rev_channels[b],
+                               rev_heads[b], n - 1 - b))
   processor_order = blocks["down"] + blocks["up"] + blocks["mid"]
-  proc = {p: i for i, p in enumerate(processor_order)}
+  proc = {p[0]: i for i, p in enumerate(processor_order)}
   sites = {}
   flat = 0
   for region in ("down", "mid", "up"):
-    for block in blocks[region]:
+    for block, channels, heads, level in blocks[region]:
       flat += 1
       for j, (name, kind) in enumerate((("attn1", "self"), ("attn2", "cross"))):
         path = f"{block}.{name}"
-        sites[path] = AttentionSite(path, kind, flat, 2 * proc[block] + j, region)
+        sites[path] = AttentionSite(path, kind, flat, 2 * proc[block] + j, region, channels, heads, level)
   return sites
-
-
-def site_channels(config: UNetConfig, path: str) -> int:
-  """Channel width (= heads x dim_head) of the attention layer at `path`."""
-  region, _, rest = path.partition(".")
-  if region == "mid_block":
-    return config.block_out_channels[-1]
-  b = int(rest.split(".")[0])
-  return config.block_out_channels[b] if region == "down_blocks" else tuple(reversed(config.block_out_channels))[b]
 
 
 class TransformerBlock(nn.Module):

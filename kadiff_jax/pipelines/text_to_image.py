@@ -18,19 +18,33 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kadiff_jax import image_io, schedulers, sharding
+from kadiff_jax.config import option
 from kadiff_jax.models import ip_adapter, unet, vae
+from kadiff_jax.job import Job
 from kadiff_jax.pipelines import conditioning
+from kadiff_jax.sampling import CFG, NO_CFG, RowLayout, sample
 from kadiff_jax.weights.sdxl import SDXLModels
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationOptions:
-  steps: int = 50
-  guidance: float = 5.0
-  scheduler: str = "euler"
-  height: int | None = None  # default: the UNet's sample_size x VAE factor (1024 for SDXL)
-  width: int | None = None
-  dtype: str = "fp32"
+  """Text-to-image options (defaults: diffusers' SDXL pipeline)."""
+
+  steps: int = option(50, "denoising steps")
+  guidance: float = option(5.0, "classifier-free guidance (<= 1: no unconditional rows are run)")
+  scheduler: str = option("euler", "euler (SDXL's default) or ddim", choices=tuple(schedulers.SCHEDULERS))
+  height: int | None = option(None, "image height; default: the UNet's sample_size x VAE factor (1024 for SDXL)")
+  width: int | None = option(None, "image width; default as height")
+
+  def __post_init__(self):
+    if self.steps < 1:
+      raise ValueError(f"steps={self.steps}: expected at least 1")
+    if self.scheduler not in schedulers.SCHEDULERS:
+      raise ValueError(f"scheduler={self.scheduler!r}: expected one of {sorted(schedulers.SCHEDULERS)}")
+    for name in ("height", "width"):
+      v = getattr(self, name)
+      if v is not None and (v <= 0 or v % 8):
+        raise ValueError(f"{name}={v}: expected a positive multiple of 8")
 
   def size(self, models: SDXLModels) -> tuple[int, int]:
     h = self.height or models.default_size
@@ -42,46 +56,28 @@ class GenerationOptions:
     return h, w
 
 
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
-
-
-def compute_dtype(name: str):
-  if name not in DTYPES:
-    raise ValueError(f"dtype {name!r}: expected one of {sorted(DTYPES)}")
-  return DTYPES[name]
-
-
 def initial_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> jax.Array:
   """Per-image Gaussian noise [N, h, w, C]: image i uses fold_in(PRNGKey(seed), i)."""
   key = jax.random.PRNGKey(seed)
   return jnp.stack([jax.random.normal(jax.random.fold_in(key, int(i)), shape, jnp.float32) for i in indices])
 
 
-@functools.partial(jax.jit, static_argnames=("unet_config", "scheduler", "do_cfg", "dtype", "hooks"))
+@functools.partial(jax.jit, static_argnames=("unet_config", "scheduler", "layout", "dtype", "hooks"))
 def denoise(unet_params, noise, cond: unet.UNetCond, sched_state, guidance, hook_args=None, *, unet_config,
-            scheduler, do_cfg: bool, dtype=jnp.float32, hooks=()):
-  """Runs every scheduler step on `noise` [B, h, w, C].
+            scheduler, layout: RowLayout, dtype=jnp.float32, hooks=()):
+  """Every scheduler step from `noise` [B, h, w, C]; returns (latents [B, h, w, C], aux).
 
-  With CFG, `cond` has 2B rows interleaved per image, [neg_0, pos_0, neg_1, pos_1, ...],
-  so a batch shard always holds both halves of its own images. `hooks` (static)
-  and `hook_args` (per-row where batched) reach every UNet call.
+  `cond` holds `layout.rows` rows per image (CFG: [uncond_0, cond_0, uncond_1, ...]), so a
+  batch shard always holds both halves of its own images. `hooks` (static) and `hook_args`
+  (per-row where batched) reach every UNet call.
   """
 
-  def body(x, i):
-    t = sched_state.timesteps[i]
-    xin = scheduler.scale_model_input(sched_state, i, x)
-    if do_cfg:
-      xin = jnp.repeat(xin, 2, axis=0)  # [2B, h, w, C]
-    eps, _ = unet.apply(unet_params, xin, t, cond, config=unet_config, dtype=dtype, hooks=hooks, hook_args=hook_args)
-    eps = eps.astype(jnp.float32)
-    if do_cfg:
-      eps = eps.reshape((-1, 2) + eps.shape[1:])  # [B, 2, h, w, C]
-      eps = eps[:, 0] + guidance * (eps[:, 1] - eps[:, 0])
-    return scheduler.step(sched_state, i, x, eps), None
+  def denoiser(x, t, i, state):
+    eps, _ = unet.apply(unet_params, layout.broadcast(x), t, cond, config=unet_config, dtype=dtype, hooks=hooks,
+                        hook_args=hook_args)
+    return layout.guide(eps, guidance), state, {}
 
-  x0 = noise * scheduler.init_noise_sigma(sched_state)
-  latents, _ = jax.lax.scan(body, x0, jnp.arange(sched_state.timesteps.shape[0]))
-  return latents
+  return sample(denoiser, scheduler, sched_state, noise)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
@@ -107,8 +103,8 @@ class Batch:
   ip_scales: list[float] | None = None
 
 
-def _ip_rows(adapter: ip_adapter.IPAdapter, batch: Batch, do_cfg: bool):
-  """IP-Adapter tokens and scales per UNet row ([uncond_i, cond_i] per image with CFG)."""
+def ip_rows(adapter: ip_adapter.IPAdapter, batch: Batch, layout: RowLayout) -> ip_adapter.IPAdapterRows:
+  """IP-Adapter tokens and scales per UNet row (the uncond role gets the adapter's uncond tokens)."""
   n = len(batch.prompts)
   refs = batch.references or [None] * n
   have = [i for i, r in enumerate(refs) if r is not None]
@@ -122,10 +118,8 @@ def _ip_rows(adapter: ip_adapter.IPAdapter, batch: Batch, do_cfg: bool):
   uncond = jnp.where(present[:, None, None], uncond, 0.0)
   scales = jnp.asarray([(s if r is not None else 0.0) for r, s in zip(refs, batch.ip_scales or [0.0] * n)],
                        jnp.float32)
-  if not do_cfg:
-    return cond, scales
-  tokens = jnp.stack([uncond, cond], axis=1).reshape((2 * n,) + cond.shape[1:])
-  return tokens, jnp.repeat(scales, 2)
+  tokens = {role: (uncond if role == layout.uncond else cond) for role in layout.roles}
+  return ip_adapter.IPAdapterRows(layout.interleave(tokens), layout.broadcast(scales))
 
 
 def run_batch(models: SDXLModels, batch: Batch, options: GenerationOptions, mesh=None,
@@ -137,56 +131,35 @@ def run_batch(models: SDXLModels, batch: Batch, options: GenerationOptions, mesh
   if batch.noise.shape[1:] != want:
     raise ValueError(f"initial latents have shape {batch.noise.shape[1:]} per image (NHWC), expected {want} "
                      f"for {h}x{w}")
-  dtype = compute_dtype(options.dtype)
+  dtype = jax.tree_util.tree_leaves(models.unet_params)[0].dtype
   sched = schedulers.from_name(options.scheduler, models.scheduler_config)
   state = sched.set_timesteps(options.steps)
   n = len(batch.prompts)
   pos = conditioning.encode_prompts(models, batch.prompts)
-  do_cfg = options.guidance > 1.0
+  layout = CFG if options.guidance > 1.0 else NO_CFG  # guidance <= 1: no unconditional rows at all
   ids = conditioning.time_ids(h, w, n)
-  if do_cfg:
+  embeds, pooled = {"cond": pos.embeds}, {"cond": pos.pooled}
+  if layout.uncond:
     neg = conditioning.encode_negative(models, batch.negative_prompts, pos)
-    pairs = [(neg.embeds, pos.embeds), (neg.pooled, pos.pooled), (ids, ids)]
-    rows = [jnp.stack(p, axis=1).reshape((2 * n,) + p[0].shape[1:]) for p in pairs]  # [neg_i, pos_i] per image
-  else:
-    rows = [pos.embeds, pos.pooled, ids]
+    embeds["uncond"], pooled["uncond"] = neg.embeds, neg.pooled
   mesh = mesh or sharding.data_mesh()
-  padded = sharding.padded_size(n, mesh)
-  noise = sharding.shard_batch(sharding.pad_rows(jnp.asarray(batch.noise, jnp.float32), n, padded, 1), mesh)
-  per_image = 2 if do_cfg else 1
-  cond = unet.UNetCond(*[sharding.shard_batch(sharding.pad_rows(r, n, padded, per_image), mesh) for r in rows])
+  cond = sharding.shard_jobs(unet.UNetCond(layout.interleave(embeds), layout.interleave(pooled),
+                                           layout.broadcast(ids)), mesh, n, layout.rows)
+  noise = sharding.shard_jobs(jnp.asarray(batch.noise, jnp.float32), mesh, n)
   hooks, hook_args = (), None
   if adapter is not None:
-    tokens, scales = _ip_rows(adapter, batch, do_cfg)
     hooks = (ip_adapter.IPAdapterAttention(upcast=models.unet_config.upcast_attention),)
-    hook_args = {"ip_adapter": ip_adapter.IPAdapterArgs(
-        sharding.replicate(adapter.layers, mesh),
-        sharding.shard_batch(sharding.pad_rows(tokens, n, padded, per_image), mesh),
-        sharding.shard_batch(sharding.pad_rows(scales, n, padded, per_image), mesh))}
+    hook_args = sharding.place_hook_inputs(
+        {"ip_adapter": ip_adapter.hook_inputs(adapter, *ip_rows(adapter, batch, layout))}, mesh, n, layout.rows)
   params = sharding.replicate(models.unet_params, mesh)
-  latents = denoise(params, noise, cond, state, jnp.float32(options.guidance), hook_args,
-                    unet_config=models.unet_config, scheduler=sched, do_cfg=do_cfg, dtype=dtype, hooks=hooks)
+  latents, _ = denoise(params, noise, cond, state, jnp.float32(options.guidance), hook_args,
+                       unet_config=models.unet_config, scheduler=sched, layout=layout, dtype=dtype, hooks=hooks)
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
   images = decode(sharding.replicate(models.vae_params, mesh), latents, config=models.vae_config, dtype=vae_dtype)
   return sharding.to_host(latents)[:n], sharding.to_host(images)[:n]
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageJob:
-  """One image to make: its prompt, negative prompt, seed and index within the seed."""
-
-  prompt: str
-  negative_prompt: str | None
-  seed: int
-  index: int
-  reference: str | None = None  # reference image path for the IP-Adapter
-  ip_scale: float | None = None  # None: the adapter's default (0.5 Plus, 0.6 base)
-
-  def filename(self) -> str:
-    return f"seed{self.seed}_{self.index:04d}.png"
-
-
-def generate(models: SDXLModels, jobs: Sequence[ImageJob], options: GenerationOptions, out_dir=None, *,
+def generate(models: SDXLModels, jobs: Sequence[Job], options: GenerationOptions, out_dir=None, *,
              init_latents: np.ndarray | None = None, batch_size: int | None = None, mesh=None,
              progress: bool = True, extra_metadata: dict[str, Any] | None = None,
              adapter: ip_adapter.IPAdapter | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -228,7 +201,7 @@ def generate(models: SDXLModels, jobs: Sequence[ImageJob], options: GenerationOp
                                                             else j.ip_scale)} if adapter and j.reference else {}),
                 "kadiff": {"model": str(models.source), **dataclasses.asdict(options),
                                                   "height": h, "width": w, **(extra_metadata or {})}}
-        image_io.write_png(f"{out_dir}/{j.filename()}", img, meta)
+        image_io.write_png(f"{out_dir}/{j.id}.png", img, meta)
     all_latents.append(latents)
     all_images.append(images)
     bar.update(len(chunk))

@@ -81,7 +81,7 @@ def layer_params(state: dict[str, np.ndarray], unet_config: unet.UNetConfig, pat
     kv = found[n]
     if set(kv) != {"to_k_ip", "to_v_ip"}:
       raise convert.WeightsError(f"{path}: layer {n} has {sorted(kv)}, expected to_k_ip and to_v_ip")
-    want = (unet.site_channels(unet_config, site.path), unet_config.cross_attention_dim[0])
+    want = (site.channels, unet_config.cross_attention_dim[0])
     for name, w in kv.items():
       if tuple(w.shape) != want:
         raise convert.WeightsError(f"{path}: {n}.{name}.weight has shape {tuple(w.shape)}, the UNet layer "

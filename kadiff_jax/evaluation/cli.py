@@ -1,0 +1,69 @@
+"""`kadiff evaluate dreambooth`: generate and score the DreamBooth evaluation (CSV, Markdown, chart)."""
+
+from __future__ import annotations
+
+import json
+
+from kadiff_jax import cli_args, config
+from kadiff_jax.cli_args import UsageError
+from kadiff_jax.kadiff.options import KADiffOptions
+
+
+def _csv_list(value, name: str, kind=str):
+  if value is None:
+    return None
+  if isinstance(value, (list, tuple)):
+    value = ",".join(map(str, value))
+  try:
+    return [kind(v.strip()) for v in str(value).split(",") if v.strip()]
+  except ValueError:
+    raise UsageError(f"--{name} {value!r}: expected a comma-separated list of {kind.__name__}") from None
+
+
+def _evaluate(args) -> None:
+  from kadiff_jax.evaluation import dreambooth as db
+  from kadiff_jax.evaluation import report
+  from kadiff_jax.kadiff.cli import _load
+  from kadiff_jax.metrics.clip_score import CLIPScorer
+  from kadiff_jax.metrics.dino import DINOScorer
+  dataset = db.load_dataset(args.data)
+  items = db.plan(dataset, _csv_list(args.subjects, "subjects"), _csv_list(args.prompts, "prompts", int),
+                  _csv_list(args.seeds, "seeds", int) or [0], args.unique_token, args.reference_index)
+  methods = _csv_list(args.methods, "methods")
+  if not methods or set(methods) - set(db.METHODS):
+    raise UsageError(f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(db.METHODS)}")
+  config.build(KADiffOptions, args)  # bad options fail before the metric models load
+  clip, dino = CLIPScorer(args.clip), DINOScorer(args.dino)  # unreadable metric models fail before generating
+  mask = None if args.mask in (None, "none") else args.mask
+  cli_args.check_image(mask)
+  models, adapter, options, model_opts = _load(args)
+  cli_args.write_config(args.out, args, model=model_opts, kadiff=options)
+  generated = db.generate(models, adapter, items, options, args.out, mask=mask, methods=methods,
+                          batch_size=args.batch_size)
+  rows = db.score(items, args.out, clip, dino, methods)
+  paths = report.write_reports(rows, args.out)
+  table = report.summary(rows)
+  print(report.markdown(rows), end="")
+  print(json.dumps({"items": len(items), "generated": generated, **{k: str(v) for k, v in paths.items()},
+                    "summary": {m: {k: round(v[0], 6) for k, v in s.items()} for m, s in table.items()}}))
+
+
+def add_parsers(sub) -> None:
+  from kadiff_jax.pipelines.cli import add_common
+  ev = sub.add_parser("evaluate", help="evaluation runners (CSV, Markdown table, chart)")
+  evsub = ev.add_subparsers(dest="what", required=True)
+  ed = evsub.add_parser("dreambooth", help="subjects x their 25 prompts x seeds: KA-Diff, IP-Adapter and "
+                        "MasaCtrl-style, scored with CLIP-T, CLIP-I and DINO")
+  ed.add_argument("--data", required=True, help="DreamBooth-layout folder (subject folders + prompts_and_classes.txt)")
+  ed.add_argument("--out", required=True, help="folder for images, caches, CSVs, summary.md and chart.png")
+  ed.add_argument("--subjects", default=None, help="comma-separated subject names (default: all)")
+  ed.add_argument("--prompts", default=None, help="comma-separated prompt indices 0-24 (default: all)")
+  ed.add_argument("--seeds", default="0", help="comma-separated seeds")
+  ed.add_argument("--unique-token", default="", help="DreamBooth's {0} (default: none, KA-Diff is training-free)")
+  ed.add_argument("--reference-index", type=int, default=0, help="which image of a subject is its reference")
+  ed.add_argument("--methods", default="kadiff,baseline,masactrl")
+  ed.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIPModel folder or Hub id for CLIP-T/I")
+  ed.add_argument("--dino", default="facebook/dino-vits16", help="ViTModel folder or Hub id for DINO")
+  ed.add_argument("--mask", default="auto", help="'auto' (default), 'none', or one mask image for every reference")
+  add_common(ed, KADiffOptions, group="KA-Diff")
+  cli_args.leaf(ed, ("evaluate", "dreambooth"), _evaluate)

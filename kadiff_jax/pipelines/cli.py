@@ -1,0 +1,88 @@
+"""`kadiff generate` (text-to-image, IP-Adapter; KA-Diff with --mode) and `kadiff make-tiny-model`."""
+
+from __future__ import annotations
+
+import argparse
+
+from kadiff_jax import cli_args, config
+from kadiff_jax.cli_args import UsageError
+from kadiff_jax.kadiff.options import KADiffOptions
+from kadiff_jax.pipelines.text_to_image import GenerationOptions
+from kadiff_jax.sharding import DistributedOptions
+from kadiff_jax.weights.options import ModelOptions
+
+_T2I_ONLY = sorted({f for f in GenerationOptions.__dataclass_fields__} - set(KADiffOptions.__dataclass_fields__))
+_KADIFF_ONLY = sorted(set(KADiffOptions.__dataclass_fields__) - set(GenerationOptions.__dataclass_fields__)
+                      - {"negative_prompt", "ip_scale"})
+
+
+def _generate(args) -> None:
+  if args.mode is not None:
+    given = [k for k in _T2I_ONLY if getattr(args, k) is not None]
+    if given:
+      raise UsageError(f"{', '.join(given)}: text-to-image options; KA-Diff images are square (--size)")
+    from kadiff_jax.kadiff.cli import generate_kadiff
+    return generate_kadiff(args)
+  given = [k for k in _KADIFF_ONLY if getattr(args, k) is not None]
+  if given:
+    raise UsageError(f"{', '.join(given)}: KA-Diff options; pass --mode kadiff|baseline|masactrl to use them")
+  from kadiff_jax.job import Job
+  from kadiff_jax.pipelines import text_to_image as t2i
+  if args.prompt is None:
+    raise UsageError("--prompt is required")
+  if args.num_images < 1:
+    raise UsageError(f"--num-images {args.num_images}: expected at least 1")
+  opts = config.build(GenerationOptions, args)
+  model_opts = config.build(ModelOptions, args)
+  init = cli_args.read_init_latents(args.init_latents, args.num_images)
+  if bool(model_opts.ip_adapter) != bool(args.reference) or bool(model_opts.image_encoder) != bool(args.reference):
+    raise UsageError("--ip-adapter, --image-encoder and --reference go together (got "
+                     f"ip_adapter={model_opts.ip_adapter!r}, image_encoder={model_opts.image_encoder!r}, "
+                     f"reference={args.reference!r})")
+  cli_args.check_image(args.reference)  # a bad reference fails before any model loads
+  models = model_opts.load()
+  adapter = model_opts.load_adapter(models, required=False)
+  jobs = [Job.numbered(args.prompt, args.seed, i, negative_prompt=args.negative_prompt, reference=args.reference,
+                       ip_scale=args.ip_scale) for i in range(args.num_images)]
+  cli_args.write_config(args.out, args, model=model_opts, generation=opts)
+  t2i.generate(models, jobs, opts, args.out, init_latents=init, batch_size=args.batch_size, adapter=adapter)
+  print(f"wrote {len(jobs)} image(s) to {args.out}")
+
+
+def _make_tiny(args) -> None:
+  from kadiff_jax.tiny_model import make_tiny_model
+  print(make_tiny_model(args.dir, args.seed))
+
+
+def add_common(p: argparse.ArgumentParser, *classes, group: str | None = None) -> None:
+  """--config, the model and multi-process flags, and flags for `classes` (derived from their fields)."""
+  cli_args.add_config_arg(p)
+  config.add_options(p, ModelOptions, group="model")
+  config.add_options(p, *classes, group=group)
+  config.add_options(p, DistributedOptions, group="multi-process")
+  p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: up to 8 per run; "
+                 "KA-Diff: 1)")
+
+
+def add_parsers(sub) -> None:
+  g = sub.add_parser("generate", help="SDXL text-to-image (IP-Adapter with --reference; KA-Diff with --mode)")
+  g.add_argument("--prompt", default=None)
+  g.add_argument("--out", required=True, help="output folder for PNGs (and config.yaml)")
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--num-images", type=int, default=1)
+  g.add_argument("--init-latents", default=None, help=".npy of [num_images, 4, H/8, W/8] float32 (NCHW)")
+  g.add_argument("--reference", default=None, help="reference image (IP-Adapter; KA-Diff's concept)")
+  add_common(g, GenerationOptions, KADiffOptions, group="generation (KA-Diff's with --mode)")
+  k = g.add_argument_group("KA-Diff jobs (with --mode)")
+  k.add_argument("--mask", default=None, help="concept mask of the reference (white = concept); 'auto': from the "
+                 "reference's cross-attention")
+  k.add_argument("--ref-prompt", default=None, help="text describing the reference")
+  k.add_argument("--reference-cache", default=None, help="a `kadiff invert` output to use as the reference")
+  k.add_argument("--jobs", default=None, help="JSONL or TSV of jobs: id, prompt, reference, mask, ref_prompt, seed")
+  k.add_argument("--no-baseline", action="store_true", help="skip the IP-Adapter baseline image")
+  cli_args.leaf(g, ("generate",), _generate)
+
+  t = sub.add_parser("make-tiny-model", help="write a tiny random SDXL pipeline in diffusers format")
+  t.add_argument("dir")
+  t.add_argument("--seed", type=int, default=0)
+  cli_args.leaf(t, ("make-tiny-model",), _make_tiny)

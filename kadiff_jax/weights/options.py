@@ -1,0 +1,52 @@
+"""Which weights to load: the model options every generating command shares, and loading them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from kadiff_jax.config import option
+
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  model: str = option("tiny", "SDXL pipeline folder in diffusers layout, Hub id, or 'tiny' (the built-in random "
+                      "model, written to the cache on first use)")
+  variant: str | None = option(None, "weight file variant, e.g. fp16")
+  dtype: str = option("fp32", "compute and weight dtype of the UNet and text encoders", choices=tuple(DTYPES))
+  ip_adapter: str | None = option(None, "IP-Adapter file (.safetensors or .bin), Plus or base; the tiny model "
+                                  "carries its own")
+  image_encoder: str | None = option(None, "the IP-Adapter's CLIP image encoder folder")
+  cache_dir: str | None = option(None, "converted-params cache and the tiny model (default $KADIFF_CACHE or "
+                                 "~/.cache/kadiff_jax)")
+
+  def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
+
+  @property
+  def cache_path(self) -> Path | None:
+    return Path(self.cache_dir) if self.cache_dir else None
+
+  def load(self):
+    """The SDXL pipeline these options name."""
+    from kadiff_jax.weights.sdxl import load_sdxl
+    return load_sdxl(self.model, dtype=DTYPES[self.dtype], variant=self.variant, cache_dir=self.cache_path)
+
+  def load_adapter(self, models, *, required: bool):
+    """The IP-Adapter (the tiny model's own when none is named); None when not named and not required."""
+    from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
+    from kadiff_jax.weights.ip_adapter import load_ip_adapter
+    ip, enc = self.ip_adapter, self.image_encoder
+    if ip is None and required and (models.source / TINY_IP_ADAPTER).is_file():
+      ip, enc = models.source / TINY_IP_ADAPTER, models.source / TINY_IMAGE_ENCODER
+    if ip is None and enc is None and not required:
+      return None
+    if ip is None or enc is None:
+      raise ValueError("an IP-Adapter needs both ip_adapter (--ip-adapter FILE) and image_encoder "
+                       f"(--image-encoder DIR); got ip_adapter={ip!r}, image_encoder={enc!r}")
+    return load_ip_adapter(ip, enc, models.unet_config, cache_dir=self.cache_path)
