@@ -306,3 +306,82 @@ def test_kadiff_two_processes_equal_one(tmp_path, tiny_dir, reference_image):
   assert two["z4"].shape == (3, 8, 8, 4)
   for key in ("z4", "inv4"):  # inversion and generation, each split over both processes
     assert np.abs(two[key] - one[key]).max() / np.abs(one[key]).max() < 2e-5
+
+
+def test_kv_injection_matches_a_plain_transcription_of_spec_6_4():
+  """Per job b (if active) and target j (if injected): cond_gen's K and V at j <- cond_ref's at source(b, j)."""
+  from kadiff_jax.kadiff.correspondence import Correspondence
+  from kadiff_jax.kadiff.injection import InjectionArgs, KVInjection
+  from kadiff_jax.models.attention import AttentionCall, AttentionSite, parse_layers
+  from kadiff_jax.sampling import KADIFF
+  rng = np.random.default_rng(0)
+  b, r, heads, d = 3, 4, 2, 5
+  n = r * r
+  q, k, v = (rng.standard_normal((b * KADIFF.rows, n, heads, d)).astype(np.float32) for _ in range(3))
+  source = rng.integers(0, n, (b, n)).astype(np.int32)
+  inject = rng.random((b, n)) < 0.5
+  active = np.array([True, False, True])
+  site = AttentionSite("up_blocks.0.attentions.0.transformer_blocks.0.attn1", "self", 1, 0, "up", heads * d, heads)
+  seen = {}
+
+  def attend(q_, k_, v_):
+    seen.update(q=np.asarray(q_), k=np.asarray(k_), v=np.asarray(v_))
+    return q_
+
+  call = AttentionCall(site, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), (r, r), None, None)
+  corr = Correspondence(jnp.asarray(source), jnp.asarray(inject), jnp.zeros((b, n)))
+  KVInjection(parse_layers("1"))(call, attend, InjectionArgs(jnp.asarray(active), {r: corr}))
+  want_k, want_v = k.copy(), v.copy()
+  gen, ref = KADIFF.index("cond_gen"), KADIFF.index("cond_ref")
+  for job in range(b):
+    if not active[job]:
+      continue
+    for j in range(n):
+      if inject[job, j]:
+        want_k[job * 4 + gen, j] = k[job * 4 + ref, source[job, j]]
+        want_v[job * 4 + gen, j] = v[job * 4 + ref, source[job, j]]
+  np.testing.assert_array_equal(seen["q"], q)  # Q1b: queries untouched
+  np.testing.assert_array_equal(seen["k"], want_k)
+  np.testing.assert_array_equal(seen["v"], want_v)
+  assert not np.array_equal(want_k, k)  # the case injects something
+
+
+def test_threshold_and_inject_steps_change_without_recompiling(tiny_models, adapter, cache):
+  """Thresholds and injection steps are traced: a second and third run with other values compile nothing."""
+  import jax
+  compiles = []
+
+  def listener(event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    run = lambda **kw: G.run_jobs(tiny_models, adapter, [_item(cache)],
+                                  KADiffOptions(steps=10, inject_layers="up_blocks.*", **kw)).latents
+    a = run(threshold=0.7, inject_steps=(3, 9))
+    first = len(compiles)
+    b = run(threshold=0.3, inject_steps=(5, 8))
+    c = run(threshold=0.9)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert first > 0 and len(compiles) == first, (first, len(compiles))
+  assert np.abs(a - b).max() > 1e-4 and np.abs(a - c).max() > 1e-4  # the values were used
+
+
+def test_cli_kadiff_without_layer_flag_injects_and_bad_selector_lists_layers(tmp_path, tiny_dir, reference_image,
+                                                                            capsys):
+  from kadiff_jax import cli
+  argv = ["generate", "--model", str(tiny_dir), "--mode", "kadiff", "--reference", reference_image, "--ref-prompt",
+          "a dog", "--prompt", "a dog in the snow", "--steps", "6", "--out", str(tmp_path / "o"), "--cache-dir",
+          str(tmp_path / "c")]
+  assert cli.main(argv) == 0
+  ours = np.asarray(Image.open(tmp_path / "o" / "seed0_0000.png")).astype(int)
+  base = np.asarray(Image.open(tmp_path / "o" / "seed0_0000_baseline.png")).astype(int)
+  assert np.abs(ours - base).max() > 10  # the tiny UNet's default layers (every up-block layer) inject
+  assert "inject_layers: up_blocks.*" in (tmp_path / "o" / "config.yaml").read_text()
+  capsys.readouterr()
+  assert cli.main(argv + ["--inject-layers", "44-70"]) == 2
+  err = capsys.readouterr().err
+  assert "inject_layers '44-70' matches no self-attention layer of this UNet; it has layers 1-11" in err
+  assert "up_blocks.1.attentions.1.*" in err and len(err.strip().splitlines()) == 1

@@ -33,7 +33,7 @@ def test_run_retrieves_generates_and_records(tmp_path, tiny_dir, capsys):
   assert sorted(p.name for p in out.iterdir()) == sorted(
       [f"{i}{s}" for i in ("chow", "0003_a_rubber_duck_on_the_beach") for s in (".png", "_baseline.png",
                                                                              "_grid.png", ".json")]
-      + ["nothing.json", "0003_a_rubber_duck_on_the_beach_mask.png"])
+      + ["nothing.json", "0003_a_rubber_duck_on_the_beach_mask.png", "config.yaml"])
 
   rec = json.loads((out / "chow.json").read_text())
   assert rec["status"] == "done" and rec["chosen"]["id"] == "dog2" and rec["seed"] == 3

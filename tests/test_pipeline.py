@@ -43,8 +43,8 @@ def test_generate_cli_writes_pngs_with_metadata(tmp_path, tiny_dir):
   rc = cli.main(["generate", "--model", str(tiny_dir), "--prompt", "a cat", "--out", str(out), "--steps", "3",
                  "--num-images", "2", "--seed", "7"])
   assert rc == 0
-  names = sorted(p.name for p in out.iterdir())
-  assert names == ["seed7_0000.png", "seed7_0001.png"]
+  assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "seed7_0000.png", "seed7_0001.png"]
+  names = ["seed7_0000.png", "seed7_0001.png"]
   meta = image_io.read_png_metadata(out / names[1])
   assert meta["prompt"] == "a cat" and meta["seed"] == "7" and meta["index"] == "1"
   assert json.loads(meta["kadiff"])["steps"] == 3

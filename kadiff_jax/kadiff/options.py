@@ -97,7 +97,8 @@ class KADiffOptions:
       raise ValueError(f"inject_steps=({lo}, {hi}): expected 0 <= start <= end < steps={self.steps}")
 
   def for_model(self, models) -> "KADiffOptions":
-    """These options with every model-dependent default resolved (size, injection layers) and checked."""
+    """These options with every default that depends on the model or the step count resolved (size, injection
+    layers and steps) and checked."""
     from kadiff_jax.models import unet
     size = self.size or models.default_size
     unit = models.vae_scale_factor * 2 ** (len(models.unet_config.block_out_channels) - 1)
@@ -109,7 +110,7 @@ class KADiffOptions:
       sdxl_numbered = numbering(models.unet_config) == numbering(unet.sdxl_base())
       layers = SDXL_INJECT_LAYERS if sdxl_numbered else OTHER_INJECT_LAYERS
     parse_layers(layers).select(tuple(unet.attention_sites(models.unet_config).values()), "inject_layers")
-    return dataclasses.replace(self, size=size, inject_layers=layers)
+    return dataclasses.replace(self, size=size, inject_layers=layers, inject_steps=self.step_range())
 
   def step_range(self) -> tuple[int, int]:
     """Denoising steps with injection; the reference's 19-49 of 50 scaled to other step counts."""
