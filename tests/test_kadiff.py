@@ -357,15 +357,19 @@ def test_threshold_and_inject_steps_change_without_recompiling(tiny_models, adap
 
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    run = lambda **kw: G.run_jobs(tiny_models, adapter, [_item(cache)],
-                                  KADiffOptions(steps=10, inject_layers="up_blocks.*", **kw)).latents
-    a = run(threshold=0.7, inject_steps=(3, 9))
+    run = lambda prepared=cache, **kw: G.run_jobs(tiny_models, adapter, [_item(prepared)], KADiffOptions(
+        **{"steps": 10, "inject_layers": "up_blocks.*", **kw})).latents
+    a = run(threshold=0.7, inject_steps=(3, 9))  # compiles, unless an earlier test already did
     first = len(compiles)
     b = run(threshold=0.3, inject_steps=(5, 8))
     c = run(threshold=0.9)
+    again = len(compiles)
+    # the counter is live: another step count is another program
+    run(R.prepare_reference(tiny_models, adapter, cache.image, "a dog", KADiffOptions(steps=7)), steps=7)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
-  assert first > 0 and len(compiles) == first, (first, len(compiles))
+  assert again == first, (first, again)
+  assert len(compiles) > again
   assert np.abs(a - b).max() > 1e-4 and np.abs(a - c).max() > 1e-4  # the values were used
 
 

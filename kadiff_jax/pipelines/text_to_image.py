@@ -1,4 +1,4 @@
-"""SDXL text-to-image: the denoising loop as one jitted `lax.scan`, data-parallel.
+"""SDXL text-to-image: a denoiser over the one sampler (`kadiff_jax.sampling`), data-parallel.
 
 Noise for image i of a job with seed s is `normal(fold_in(PRNGKey(s), i))`, so
 an image's noise does not depend on how jobs are batched or sharded. The same
