@@ -4,6 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 
+from kadiff_jax.outputs import check_id
+
+MAX_SEED = 2 ** 32 - 1  # jax.random.PRNGKey keeps 32 bits: larger seeds would repeat smaller ones' noise
+
+
+def check_seed(value, where: str = "seed") -> int:
+  """`value` as a seed in [0, 2**32 - 1], or a ValueError naming it."""
+  try:
+    seed = int(value)
+    if seed != value and not isinstance(value, str):
+      raise ValueError
+  except (TypeError, ValueError):
+    raise ValueError(f"{where}: seed {value!r} is not an integer") from None
+  if not 0 <= seed <= MAX_SEED:
+    raise ValueError(f"{where}: seed {seed} is out of range; expected 0 to {MAX_SEED}")
+  return seed
+
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -22,6 +39,10 @@ class Job:
   ref_prompt: str = ""                # KA-Diff: text describing the reference
   mask: str | None = None             # KA-Diff: a mask image, "auto" (from cross-attention) or None (all of it)
   ip_scale: float | None = None       # None: the options' or the adapter's default
+
+  def __post_init__(self):
+    check_id(self.id, "job")
+    check_seed(self.seed, f"job {self.id}")
 
   @classmethod
   def numbered(cls, prompt: str, seed: int, index: int, **fields) -> "Job":

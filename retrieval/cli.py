@@ -61,7 +61,8 @@ def _build(args) -> None:
 def open_retriever(args, *, rerank: str | None = None, expand: bool = False):
   """A Retriever from parsed arguments (--index, --embedder, --backend, --scoring, web options)."""
   from retrieval import embed, rerank as rerank_lib, retriever, store
-  ri = store.RetrievalIndex.load(args.index, backend=getattr(args, "backend", None))
+  ri = store.RetrievalIndex.load(args.index, backend=getattr(args, "backend", None),
+                                 verify=not getattr(args, "no_verify", False))
   embedder = embed.load_embedder(args.embedder or ri.manifest["embedder"]["id"])
   reranker = rerank_lib.MLLMReranker(rerank, scoring=args.scoring) if rerank else None
   return retriever.Retriever(ri, embedder, reranker=reranker, augmenter=_augmenter(args) if expand else None,
@@ -112,7 +113,7 @@ def _evaluate(args) -> None:
 
 def _upsert(args) -> None:
   from retrieval import embed, store
-  ri = store.RetrievalIndex.load(args.index)
+  ri = store.RetrievalIndex.load(args.index, verify=not args.no_verify)
   entries = _read_entries(args.corpus, args.skip_invalid)
   ri.upsert(entries, embed.load_embedder(args.embedder or ri.manifest["embedder"]["id"]))
   ri.save(args.index)
@@ -121,7 +122,7 @@ def _upsert(args) -> None:
 
 def _delete(args) -> None:
   from retrieval import store
-  ri = store.RetrievalIndex.load(args.index)
+  ri = store.RetrievalIndex.load(args.index, verify=not args.no_verify)
   ri.delete(args.ids)
   ri.save(args.index)
   print(json.dumps({"deleted": len(args.ids), "count": len(ri)}))
@@ -137,6 +138,11 @@ def add_web_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--timeout", type=float, default=10.0, help="seconds per network request")
   g.add_argument("--web-cache", default=None, help="cache of searches, pages, summaries and images "
                  "(default $KADIFF_CACHE/web or ~/.cache/kadiff/web)")
+
+
+def add_verify_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--no-verify", action="store_true", help="skip checking the index files against the manifest's "
+                 "checksums (for huge indexes)")
 
 
 def add_parser(sub) -> None:
@@ -174,6 +180,7 @@ def add_parser(sub) -> None:
     q.add_argument("--expand", action="store_true", help="web-augment the query before embedding it")
     q.add_argument("--embedder", default=None, help="default: the one the index was built with")
     q.add_argument("--backend", choices=["scann", "exact"], default=None, help="default: the saved one")
+    add_verify_arg(q)
     add_web_args(q)
     cli_args.add_config_arg(q)
     cli_args.leaf(q, ("retrieve", name), fn)
@@ -183,8 +190,10 @@ def add_parser(sub) -> None:
   u.add_argument("--corpus", required=True)
   u.add_argument("--embedder", default=None)
   u.add_argument("--skip-invalid", action="store_true")
+  add_verify_arg(u)
   cli_args.leaf(u, ("retrieve", "upsert"), _upsert)
   d = rs.add_parser("delete", help="remove entries by id")
   d.add_argument("--index", required=True)
   d.add_argument("ids", nargs="+")
+  add_verify_arg(d)
   cli_args.leaf(d, ("retrieve", "delete"), _delete)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sqlite3
+import urllib.parse
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -220,20 +221,26 @@ def write_store(path: Path, entries: Iterable[CorpusEntry]) -> None:
 
 def read_store(path: Path, docids: Sequence[str] | None = None) -> dict[str, CorpusEntry]:
   """Entries by docid (all, or those in `docids`)."""
-  con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+  if not Path(path).is_file():
+    raise CorpusError(f"{path} does not exist (the index's entry store)")
+  # a URI, so the read-only mode holds; the path is escaped (a '%', '?' or '#' in it is a plain character)
   try:
-    cols = "docid, title, caption, summary, image, aliases, extra"
-    if docids is None:
-      rows = con.execute(f"SELECT {cols} FROM entries").fetchall()
-    else:
-      rows = []
-      ids = list(docids)
-      for s in range(0, len(ids), 500):
-        chunk = ids[s:s + 500]
-        rows += con.execute(f"SELECT {cols} FROM entries WHERE docid IN ({','.join('?' * len(chunk))})",
-                            chunk).fetchall()
-  finally:
-    con.close()
-  return {r[0]: CorpusEntry(id=r[0], title=r[1], caption=r[2] or "", summary=r[3] or "", image=r[4],
-                            aliases=tuple(json.loads(r[5] or "[]")), extra=json.loads(r[6] or "{}"))
-          for r in rows}
+    con = sqlite3.connect(f"file:{urllib.parse.quote(str(Path(path).resolve()))}?mode=ro", uri=True)
+    try:
+      cols = "docid, title, caption, summary, image, aliases, extra"
+      if docids is None:
+        rows = con.execute(f"SELECT {cols} FROM entries").fetchall()
+      else:
+        rows = []
+        ids = list(docids)
+        for s in range(0, len(ids), 500):
+          chunk = ids[s:s + 500]
+          rows += con.execute(f"SELECT {cols} FROM entries WHERE docid IN ({','.join('?' * len(chunk))})",
+                              chunk).fetchall()
+    finally:
+      con.close()
+    return {r[0]: CorpusEntry(id=r[0], title=r[1], caption=r[2] or "", summary=r[3] or "", image=r[4],
+                              aliases=tuple(json.loads(r[5] or "[]")), extra=json.loads(r[6] or "{}"))
+            for r in rows}
+  except (sqlite3.Error, json.JSONDecodeError, TypeError) as e:
+    raise CorpusError(f"{path} is not a readable entry store ({type(e).__name__}: {e})") from None

@@ -10,12 +10,19 @@ Layout of an index directory:
   scann/          ScaNN's serialised searcher (ScaNN backend only)
 
 A directory is written next to its destination and renamed into place, so a
-crash never leaves a half-written index; nothing in it is unpickled.
+crash never leaves a half-written index; nothing in it is unpickled. An
+existing folder is replaced only when its manifest says it is one of ours.
+The manifest holds a SHA-256 of every other file, checked when the index is
+opened (`verify=False` skips it for huge indexes), so a tampered or
+half-written index is refused. A save killed between its two renames leaves
+the previous index as `.NAME.old-PID`; opening or saving puts it back, and
+temporary folders of builds that died are removed, each with a log line.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -39,9 +46,56 @@ class StoreError(ValueError):
   """An index directory is missing, damaged, or was built for something else."""
 
 
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _leftovers(dest: Path) -> list[tuple[Path, str, int]]:
+  """(path, "tmp" | "old", pid) of the temporary folders saves of `dest` left behind."""
+  out = []
+  for p in dest.parent.glob(f".{dest.name}.*-*"):
+    kind, _, pid = p.name[len(dest.name) + 2:].rpartition("-")
+    if kind in ("tmp", "old") and pid.isdigit():
+      out.append((p, kind, int(pid)))
+  return out
+
+
+def recover(dest: str | os.PathLike) -> None:
+  """Puts back an index a killed save left only as `.NAME.old-PID`; removes dead saves' temporary folders."""
+  dest = Path(dest)
+  for path, kind, pid in _leftovers(dest):
+    if pid != os.getpid() and _pid_alive(pid):
+      continue  # another save is running
+    if kind == "old" and not dest.exists() and is_ours(path):
+      os.replace(path, dest)
+      log.warning("recovered index %s from %s (a save was interrupted between its renames)", dest, path.name)
+    else:
+      shutil.rmtree(path, ignore_errors=True)
+      log.warning("removed %s, left by an interrupted index save", path)
+
+
+def is_ours(folder: Path) -> bool:
+  """Whether `folder` holds a manifest of this index format (any version)."""
+  try:
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(manifest, dict) and manifest.get("format") == FORMAT and isinstance(manifest.get("version"), int)
+
+
 def _atomic_dir(dest: Path, fill) -> None:
   dest = Path(dest)
   dest.parent.mkdir(parents=True, exist_ok=True)
+  recover(dest)
+  if dest.exists() and not is_ours(dest):
+    raise StoreError(f"{dest} exists and is not a kadiff retrieval index (no manifest.json with format "
+                     f"{FORMAT!r}); refusing to replace it")
   tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
   old = dest.parent / f".{dest.name}.old-{os.getpid()}"
   for p in (tmp, old):
@@ -54,12 +108,22 @@ def _atomic_dir(dest: Path, fill) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   if dest.exists():
-    if not (dest / "manifest.json").is_file():
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise StoreError(f"{dest} exists and is not a retrieval index; refusing to replace it")
     os.replace(dest, old)
   os.replace(tmp, dest)
   shutil.rmtree(old, ignore_errors=True)
+
+
+def checksums(folder: Path) -> dict[str, str]:
+  """SHA-256 of every file in an index folder but the manifest, by relative path."""
+  out = {}
+  for p in sorted(Path(folder).rglob("*")):
+    if p.is_file() and p.name != "manifest.json":
+      h = hashlib.sha256()
+      with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          h.update(block)
+      out[p.relative_to(folder).as_posix()] = h.hexdigest()
+  return out
 
 
 class RetrievalIndex:
@@ -125,6 +189,9 @@ class RetrievalIndex:
       self._pending[e.id] = e
 
   def delete(self, docids: Sequence[str]) -> None:
+    repeated = sorted({d for d in docids if list(docids).count(d) > 1})
+    if repeated:
+      raise StoreError(f"docids given more than once: {repeated[:10]}")
     missing = [d for d in docids if d not in self.index.row]
     if missing:
       raise StoreError(f"cannot delete {len(missing)} docids that are not in the index: {missing[:10]}")
@@ -150,35 +217,71 @@ class RetrievalIndex:
       corpus_lib.write_store(db, [e for e in self._pending.values() if e is not None])
       index_lib.save_vectors(tmp, self.index)
       self.index.save_backend(tmp)
-      (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+      manifest["checksums"] = checksums(tmp)
+      (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks the folder complete
 
     _atomic_dir(folder, fill)
     self.manifest, self._store, self._pending = manifest, folder / "corpus.sqlite", {}
     return folder
 
   @classmethod
-  def load(cls, folder: str | os.PathLike, backend: str | None = None) -> "RetrievalIndex":
-    """Loads an index directory; `backend` rebuilds it with another backend in memory (e.g. exact)."""
+  def load(cls, folder: str | os.PathLike, backend: str | None = None, *, verify: bool = True) -> "RetrievalIndex":
+    """Loads an index directory; `backend` rebuilds it with another backend in memory (e.g. exact).
+    With `verify`, every file must match the manifest's checksum."""
     folder = Path(folder)
+    recover(folder)
     mpath = folder / "manifest.json"
     if not mpath.is_file():
       raise StoreError(f"{folder} is not a retrieval index (no manifest.json); build one with "
                        "`kadiff retrieve build`")
-    manifest = json.loads(mpath.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-      raise StoreError(f"{mpath}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-                       f"expected {FORMAT!r} version {VERSION}")
-    vectors, docids = index_lib.load_vectors(folder)
-    if len(docids) != manifest["count"]:
-      raise StoreError(f"{folder}: manifest says {manifest['count']} vectors, docids.json has {len(docids)}")
+    try:
+      manifest = json.loads(mpath.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise StoreError(f"{mpath} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+      got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
+      raise StoreError(f"{mpath}: format {got[0]!r} version {got[1]!r}; expected {FORMAT!r} version {VERSION}")
+    _check_manifest(mpath, manifest)
+    if verify:
+      found, want = checksums(folder), manifest["checksums"]
+      bad = sorted(k for k in set(found) | set(want) if found.get(k) != want.get(k))
+      if bad:
+        raise StoreError(f"{folder}: {', '.join(bad[:5])} do not match the manifest's checksums (a damaged, "
+                         "half-written or altered index); rebuild it (or open with --no-verify at your own risk)")
+    try:
+      vectors, docids = index_lib.load_vectors(folder)
+    except (OSError, ValueError, EOFError) as e:
+      raise StoreError(f"{folder}: vectors.npy or docids.json is unreadable ({e})") from None
+    if len(docids) != manifest["count"] or vectors.ndim != 2 or vectors.shape[1] != manifest["embedder"]["dim"]:
+      raise StoreError(f"{folder}: manifest says {manifest['count']} vectors of dim {manifest['embedder']['dim']}, "
+                       f"the files hold {len(docids)} docids and vectors of shape {tuple(vectors.shape)}")
+    if len(set(docids)) != len(docids) or not all(isinstance(d, str) for d in docids):
+      raise StoreError(f"{folder}/docids.json: expected distinct string ids")
     saved = manifest["index"]["backend"]
     backend = backend or saved
     if backend not in index_lib.BACKENDS:
       raise StoreError(f"index backend {backend!r}; expected one of {sorted(index_lib.BACKENDS)}")
     if backend == saved:
-      index = index_lib.BACKENDS[backend].load_backend(folder, vectors, docids, manifest)
+      try:
+        index = index_lib.BACKENDS[backend].load_backend(folder, vectors, docids, manifest)
+      except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise StoreError(f"{folder}: the {saved} index files are unreadable ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); rebuild the index") from None
     else:
       log.info("index %s was saved with %s; building %s in memory", folder, saved, backend)
       index = index_lib.build_index(vectors, docids, backend)
     return cls(index, manifest, store=folder / "corpus.sqlite")
 
+
+
+_MANIFEST_FIELDS = {"count": int, "embedder": dict, "index": dict, "checksums": dict}
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+  """Fields a manifest must have, with their types, named when missing or wrong."""
+  for key, kind in _MANIFEST_FIELDS.items():
+    if not isinstance(manifest.get(key), kind):
+      raise StoreError(f"{path}: field {key!r} is {manifest.get(key)!r}, expected a {kind.__name__}")
+  for key, sub in (("embedder", "dim"), ("embedder", "fingerprint"), ("index", "backend")):
+    if sub not in manifest[key]:
+      raise StoreError(f"{path}: field {key}.{sub} is missing")

@@ -227,7 +227,7 @@ def test_store_refuses_mismatched_embedder_and_damaged_dirs(tmp_path, minilm):
     store.RetrievalIndex.load(tmp_path / "nothing")
   (tmp_path / "precious").mkdir()
   (tmp_path / "precious" / "data.txt").write_text("keep me")
-  with pytest.raises(store.StoreError, match="not a retrieval index; refusing"):
+  with pytest.raises(store.StoreError, match="not a kadiff retrieval index .*; refusing"):
     ri.save(tmp_path / "precious")
   assert (tmp_path / "precious" / "data.txt").read_text() == "keep me"
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind

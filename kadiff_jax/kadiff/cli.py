@@ -155,7 +155,7 @@ def _run(args) -> None:
 
 def add_parsers(sub) -> None:
   from kadiff_jax.pipelines.cli import add_common
-  from retrieval.cli import add_web_args
+  from retrieval.cli import add_verify_arg, add_web_args
 
   inv = sub.add_parser("invert", help="DDIM-invert a reference into a cache file that `generate "
                        "--reference-cache` reads")
@@ -178,6 +178,7 @@ def add_parsers(sub) -> None:
   r.add_argument("--expand", action="store_true", help="web-augment the query before retrieval")
   r.add_argument("--embedder", default=None)
   r.add_argument("--backend", choices=["scann", "exact"], default=None)
+  add_verify_arg(r)
   r.add_argument("--min-score", type=float, default=0.2, help="best dense score below this means no good match")
   r.add_argument("--on-no-match", choices=["skip", "top1"], default="skip")
   r.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kadiff_jax import image_io, sharding
-from kadiff_jax.job import Job
+from kadiff_jax.job import Job, check_seed
+from kadiff_jax.outputs import inside
 from kadiff_jax.kadiff import concept_mask
 from kadiff_jax.kadiff import generate as G
 from kadiff_jax.kadiff import reference as R
@@ -51,15 +52,23 @@ def read_jobs(path: str | Path) -> list[Job]:
           raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
   jobs, seen = [], set()
   for n, row in enumerate(rows, 1):
+    if not isinstance(row, dict):
+      raise ValueError(f"{path}: job {n} is {json.dumps(row)}, expected an object with fields {list(_FIELDS)}")
     unknown = set(row) - set(_FIELDS)
     if unknown:
       raise ValueError(f"{path}: job {n} has unknown fields {sorted(unknown)} (expected {list(_FIELDS)})")
     if not row.get("reference"):
       raise ValueError(f"{path}: job {n} has no 'reference' image")
+    for field in ("prompt", "reference", "mask", "ref_prompt"):
+      if row.get(field) is not None and not isinstance(row[field], str):
+        raise ValueError(f"{path}: job {n}: {field} is {json.dumps(row[field])}, expected a string")
     resolve = lambda p: (p if p == AUTO_MASK or Path(p).is_absolute() else str(path.parent / p)) if p else None
-    job = Job(id=str(row.get("id") or f"job{n:05d}"), prompt=row.get("prompt") or DEFAULT_PROMPT,
-              reference=resolve(row["reference"]), ref_prompt=row.get("ref_prompt") or "",
-              mask=resolve(row.get("mask")), seed=int(row.get("seed") or 0))
+    try:
+      job = Job(id=str(row.get("id") or f"job{n:05d}"), prompt=row.get("prompt") or DEFAULT_PROMPT,
+                reference=resolve(row["reference"]), ref_prompt=row.get("ref_prompt") or "",
+                mask=resolve(row.get("mask")), seed=check_seed(row.get("seed") or 0))
+    except ValueError as e:
+      raise ValueError(f"{path}: job {n}: {e}") from None
     if job.id in seen:
       raise ValueError(f"{path}: duplicate job id {job.id!r}")
     seen.add(job.id)
@@ -106,7 +115,7 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
   options = options.for_model(models)
   out_dir = Path(out_dir)
   cache_dir = Path(cache_dir) if cache_dir else None
-  todo = [(i, j) for i, j in enumerate(jobs) if not (out_dir / f"{j.id}.png").is_file()]
+  todo = [(i, j) for i, j in enumerate(jobs) if not inside(out_dir, f"{j.id}.png").is_file()]
   if len(todo) < len(jobs):
     log.info("resuming: %d of %d jobs already done", len(jobs) - len(todo), len(jobs))
   # group by reference so each is prepared once and batches share it as often as possible
@@ -142,13 +151,13 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
                                               **dataclasses.asdict(options)}}
       ref_small = np.asarray(items[k].reference.image.resize((options.size, options.size)))
       if j.mask == AUTO_MASK:
-        image_io.write_png(out_dir / f"{j.id}_mask.png", np.repeat(items[k].mask[..., None] * np.uint8(255), 3, -1),
+        image_io.write_png(inside(out_dir, f"{j.id}_mask.png"), np.repeat(items[k].mask[..., None] * np.uint8(255), 3, -1),
                            meta)
       if base is not None:
-        image_io.write_png(out_dir / f"{j.id}_baseline.png", base[k], {**meta, "mode": "baseline"})
-      image_io.write_png(out_dir / f"{j.id}_grid.png", _grid([ref_small] + ([base[k]] if base is not None else [])
+        image_io.write_png(inside(out_dir, f"{j.id}_baseline.png"), base[k], {**meta, "mode": "baseline"})
+      image_io.write_png(inside(out_dir, f"{j.id}_grid.png"), _grid([ref_small] + ([base[k]] if base is not None else [])
                                                                + [ours[k]]), meta)
-      image_io.write_png(out_dir / f"{j.id}.png", ours[k], {**meta, "mode": options.mode})  # last: marks done
+      image_io.write_png(inside(out_dir, f"{j.id}.png"), ours[k], {**meta, "mode": options.mode})  # last: marks done
     done.update((j.id, {"mask": info}) for (_, j), (_, info) in zip(chunk, mask_info))
     bar.update(len(chunk))
     bar.set_postfix(img_per_s=f"{len(done) / (time.perf_counter() - t0):.2f}")

@@ -23,6 +23,9 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from kadiff_jax.job import check_seed
+from kadiff_jax.outputs import check_id, inside
+
 log = logging.getLogger(__name__)
 
 
@@ -55,14 +58,21 @@ def read_queries(path: str | os.PathLike) -> list[Query]:
         raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     else:
       row = {"prompt": line.strip()}
+    if not isinstance(row, dict):
+      raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' and optional id, concept, seed, mask")
     unknown = set(row) - {"id", "prompt", "concept", "seed", "mask"}
-    if unknown or not row.get("prompt"):
+    if unknown or not isinstance(row.get("prompt"), str) or not row.get("prompt"):
       raise ValueError(f"{path}:{n}: expected 'prompt' and optional id, concept, seed, mask; got {sorted(row)}")
     mask = row.get("mask")
+    if mask is not None and not isinstance(mask, str):
+      raise ValueError(f"{path}:{n}: mask is {json.dumps(mask)}, expected an image path or 'auto'")
     if mask and mask != "auto" and not Path(mask).is_absolute():
       mask = str(path.parent / mask)
-    q = Query(id=str(row.get("id") or f"{n:04d}_{slug(row['prompt'])}"), prompt=row["prompt"],
-              concept=row.get("concept") or row["prompt"], seed=int(row.get("seed") or 0), mask=mask)
+    try:
+      q = Query(id=check_id(row.get("id") or f"{n:04d}_{slug(row['prompt'])}", "query"), prompt=row["prompt"],
+                concept=str(row.get("concept") or row["prompt"]), seed=check_seed(row.get("seed") or 0), mask=mask)
+    except ValueError as e:
+      raise ValueError(f"{path}:{n}: {e}") from None
     if q.id in seen:
       raise ValueError(f"{path}:{n}: duplicate query id {q.id!r}")
     seen.add(q.id)
@@ -130,11 +140,11 @@ def run(models, adapter, retriever, queries: Sequence[Query], options, out_dir: 
       if rec["status"] == "done":
         if q.id in done:
           rec["mask"] = done[q.id]["mask"]
-        elif (out_dir / f"{q.id}.json").is_file():  # resumed: keep what the finished run recorded
-          rec["mask"] = json.loads((out_dir / f"{q.id}.json").read_text()).get("mask", rec["mask"])
+        elif inside(out_dir, f"{q.id}.json").is_file():  # resumed: keep what the finished run recorded
+          rec["mask"] = json.loads(inside(out_dir, f"{q.id}.json").read_text()).get("mask", rec["mask"])
         if rec["mask"]["source"] == "auto":
           rec["outputs"]["mask"] = f"{q.id}_mask.png"
         rec.update(options=resolved, model=str(models.source), ip_adapter=str(adapter.source))
-      _write_json(out_dir / f"{q.id}.json", rec)
+      _write_json(inside(out_dir, f"{q.id}.json"), rec)
   return {"queries": len(queries), "generated": len(done), "already_done": len(jobs) - len(done),
           "no_match": sum(r["status"] == "no_match" for r in records.values())}
