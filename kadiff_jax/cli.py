@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 
 from kadiff_jax import cli_args
 from kadiff_jax.cli_args import UsageError  # noqa: F401  (re-exported for callers of the old module)
@@ -28,25 +30,43 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _pixel_limit() -> None:
+  """KADIFF_MAX_IMAGE_PIXELS: the largest image (in pixels) any command opens (PIL refuses twice its own limit)."""
+  value = os.environ.get("KADIFF_MAX_IMAGE_PIXELS")
+  if value:
+    from PIL import Image
+    if not value.isdigit() or int(value) < 2:
+      raise UsageError(f"KADIFF_MAX_IMAGE_PIXELS={value!r}: expected a positive number of pixels")
+    Image.MAX_IMAGE_PIXELS = int(value) // 2
+
+
+def _one_line(e: BaseException) -> str:
+  """The error as one line: expected errors say what they say; anything else is named by its type."""
+  text = " ".join(str(e).split()) or type(e).__name__
+  expected = (ValueError, OSError, LookupError, RuntimeError)
+  return text if isinstance(e, expected) and not isinstance(e, (KeyError, IndexError)) else \
+      f"{type(e).__name__}: {text} (run with -v for the traceback)"
+
+
 def main(argv=None) -> int:
-  from kadiff_jax.config import ConfigKeyError
-  from kadiff_jax.models.config_util import ConfigError
-  from kadiff_jax.weights.convert import WeightsError
-  from kadiff_jax.weights.files import CheckpointNotFound
   parser = build_parser()
+  verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
   try:
     args = cli_args.parse(parser, argv)
-  except (UsageError, ConfigKeyError, FileNotFoundError, ValueError) as e:
-    print(f"kadiff: error: {e}", file=sys.stderr)
-    return 2
-  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-  try:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(message)s")
+    _pixel_limit()
     if getattr(args, "coordinator", None) or getattr(args, "num_processes", None):
       from kadiff_jax import sharding
       sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     args.func(args)
-  except (UsageError, ConfigError, WeightsError, CheckpointNotFound, FileNotFoundError, ValueError) as e:
-    print(f"kadiff: error: {e}", file=sys.stderr)
+  except KeyboardInterrupt:
+    print("kadiff: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # every error is one line; -v shows where it came from
+    if verbose:
+      traceback.print_exc()
+    print(f"kadiff: error: {_one_line(e)}", file=sys.stderr)
     return 2
   return 0
 

@@ -35,7 +35,7 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(im.text)
 
 
-def load_rgb(path_or_image) -> Image.Image:
+def load_rgb(path_or_image, name: str | None = None) -> Image.Image:
   """Opens an image as 8-bit RGB, converting correctly rather than silently wrong.
 
   Grey and palette images are expanded; alpha is composited over white (what a
@@ -43,15 +43,20 @@ def load_rgb(path_or_image) -> Image.Image:
   to 8 bits (PIL's own conversion would clip them); other modes are refused.
   """
   if isinstance(path_or_image, Image.Image):
-    im, name = path_or_image, "image"
+    im, name = path_or_image, name or "image"
   else:
-    name = str(path_or_image)
+    name = name or str(path_or_image)
     try:
       im = Image.open(path_or_image)
       im.load()
     except FileNotFoundError:
       raise FileNotFoundError(f"image {name} does not exist") from None
-    except OSError as e:
+    except IsADirectoryError:
+      raise ValueError(f"{name} is a folder, not an image") from None
+    except Image.DecompressionBombError as e:
+      raise ValueError(f"{name}: {str(e).split(', could be')[0]} (a decompression bomb?); set "
+                       "KADIFF_MAX_IMAGE_PIXELS to allow larger images") from None
+    except (OSError, SyntaxError, ValueError) as e:
       raise ValueError(f"{name} is not a readable image: {e}") from None
   if im.mode in ("I;16", "I;16B", "I;16L", "I"):
     a = np.asarray(im).astype(np.float64)

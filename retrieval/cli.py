@@ -20,13 +20,29 @@ def _web_cache(args) -> Path:
   return Path(base).expanduser() / "web"
 
 
+def http_policy(args):
+  """The HTTP limits the web options name (one place for every request the retriever makes)."""
+  from retrieval.http_client import HttpPolicy
+  return HttpPolicy(connect_timeout=args.timeout, read_timeout=args.timeout, deadline=args.deadline,
+                    max_bytes=args.max_bytes, allow_private_hosts=args.allow_private_hosts)
+
+
 def _augmenter(args):
   from retrieval import web
+  policy = http_policy(args)
   return web.WebAugmenter(
       web.DDGSSearch(backend=args.search_backend, timeout=args.timeout),
-      web.load_summarizer(args.summarizer, args.summarizer_model),
-      fetcher=web.PageFetcher(timeout=args.timeout), cache=web.DiskCache(_web_cache(args)),
+      web.load_summarizer(args.summarizer, args.summarizer_model,
+                          llm_policy(policy) if args.summarizer.startswith("openai:") else None),
+      fetcher=web.PageFetcher(policy=policy), cache=web.DiskCache(_web_cache(args)),
       max_pages=args.max_pages)
+
+
+def llm_policy(policy):
+  """An LLM endpoint answers slowly but small: a longer read timeout and deadline, the same host rules."""
+  import dataclasses
+  return dataclasses.replace(policy, read_timeout=max(policy.read_timeout, 60.0),
+                             deadline=max(policy.deadline, 120.0))
 
 
 def _read_entries(path: str, skip_invalid: bool):
@@ -41,6 +57,7 @@ def _read_entries(path: str, skip_invalid: bool):
 
 def _build(args) -> None:
   from retrieval import embed, index, store, web
+  store.check_destination(args.index)  # before any work: a folder that is not an index is never replaced
   entries = _read_entries(args.corpus, args.skip_invalid)
   report = {"entries": len(entries)}
   if args.augment == "web":
@@ -66,7 +83,7 @@ def open_retriever(args, *, rerank: str | None = None, expand: bool = False):
   embedder = embed.load_embedder(args.embedder or ri.manifest["embedder"]["id"])
   reranker = rerank_lib.MLLMReranker(rerank, scoring=args.scoring) if rerank else None
   return retriever.Retriever(ri, embedder, reranker=reranker, augmenter=_augmenter(args) if expand else None,
-                             image_cache=_web_cache(args))
+                             image_cache=_web_cache(args), http_policy=http_policy(args))
 
 
 def _query(args) -> None:
@@ -135,7 +152,11 @@ def add_web_args(p: argparse.ArgumentParser) -> None:
                  help="'extractive' (no model), 'hf:MODEL' (local causal LM) or 'openai:URL' (chat endpoint)")
   g.add_argument("--summarizer-model", default=None, help="model name for an openai: endpoint")
   g.add_argument("--max-pages", type=int, default=3, help="pages fetched per entity")
-  g.add_argument("--timeout", type=float, default=10.0, help="seconds per network request")
+  g.add_argument("--timeout", type=float, default=10.0, help="seconds to connect, and per read, of a request")
+  g.add_argument("--deadline", type=float, default=60.0, help="seconds for a whole request, body included")
+  g.add_argument("--max-bytes", type=int, default=5_000_000, help="largest page or image body read")
+  g.add_argument("--allow-private-hosts", action="store_true", help="also fetch loopback, private and link-local "
+                 "addresses (refused by default)")
   g.add_argument("--web-cache", default=None, help="cache of searches, pages, summaries and images "
                  "(default $KADIFF_CACHE/web or ~/.cache/kadiff/web)")
 

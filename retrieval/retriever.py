@@ -7,7 +7,6 @@ import hashlib
 import io
 import logging
 import os
-import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,6 +15,7 @@ import numpy as np
 from retrieval import rerank as rerank_lib
 from retrieval import web
 from retrieval.corpus import CorpusEntry
+from retrieval.http_client import HttpPolicy, fetch
 from retrieval.store import RetrievalIndex
 
 log = logging.getLogger(__name__)
@@ -56,37 +56,37 @@ class Retrieval:
     return out
 
 
-def load_image(source: str, *, cache_dir: str | os.PathLike | None = None, timeout: float = 20.0):
-  """A corpus image as an RGB PIL image: a local path, or a URL (downloaded once into cache_dir)."""
-  from PIL import Image
+def load_image(source: str, *, cache_dir: str | os.PathLike | None = None,
+               policy: HttpPolicy = HttpPolicy(deadline=60.0, max_bytes=50_000_000)):
+  """A corpus image as an RGB PIL image: a local path, or an http(s) URL (downloaded once into cache_dir,
+  under `policy`: public hosts only, bounded in time and size). Other URL schemes are refused."""
+  from kadiff_jax import image_io
   if "://" in source:
     cached = None
     if cache_dir:
       cached = Path(cache_dir) / "images" / hashlib.sha256(source.encode()).hexdigest()
       if cached.is_file():
-        return Image.open(cached).convert("RGB")
-    req = urllib.request.Request(source, headers={"User-Agent": web.USER_AGENT})
-    try:
-      with urllib.request.urlopen(req, timeout=timeout) as r:
-        data = r.read()
-    except OSError as e:
-      raise web.NetworkError(f"could not download image {source}: {e}") from None
+        return image_io.load_rgb(cached)
+    data, _ = fetch(source, policy)
+    image = image_io.load_rgb(io.BytesIO(data), name=source)
     if cached is not None:
       cached.parent.mkdir(parents=True, exist_ok=True)
       tmp = cached.with_suffix(f".tmp-{os.getpid()}")
       tmp.write_bytes(data)
       os.replace(tmp, cached)
-    return Image.open(io.BytesIO(data)).convert("RGB")
-  return Image.open(source).convert("RGB")
+    return image
+  return image_io.load_rgb(source)
 
 
 class Retriever:
   def __init__(self, index: RetrievalIndex, embedder, *, reranker: rerank_lib.Reranker | None = None,
-               augmenter: web.WebAugmenter | None = None, image_cache: str | os.PathLike | None = None):
+               augmenter: web.WebAugmenter | None = None, image_cache: str | os.PathLike | None = None,
+               http_policy: HttpPolicy | None = None):
     index.check_embedder(embedder)
     self.index, self.embedder, self.reranker, self.augmenter = index, embedder, reranker, augmenter
     self.image_cache = image_cache
-
+    # images are larger than pages: the same host and time rules, a 50 MB body cap
+    self.image_policy = dataclasses.replace(http_policy or HttpPolicy(), max_bytes=50_000_000)
   def search(self, queries: Sequence[str], k: int = 5) -> list[tuple[str, list[Candidate]]]:
     """Dense top-k per query (after expansion, if an augmenter is set)."""
     texts = [web.expand_query(q, self.augmenter) if self.augmenter else q for q in queries]
@@ -111,8 +111,8 @@ class Retriever:
     described = []
     for c in cands:
       try:
-        image = load_image(c.entry.image, cache_dir=self.image_cache)
-      except (OSError, web.NetworkError) as e:
+        image = load_image(c.entry.image, cache_dir=self.image_cache, policy=self.image_policy)
+      except (OSError, ValueError, web.NetworkError) as e:
         log.warning("re-ranking %r: skipping %s, its image cannot be read: %s", query, c.id, e)
         continue
       described.append((c.id, c.entry.document(), image))

@@ -89,13 +89,20 @@ def is_ours(folder: Path) -> bool:
   return isinstance(manifest, dict) and manifest.get("format") == FORMAT and isinstance(manifest.get("version"), int)
 
 
-def _atomic_dir(dest: Path, fill) -> None:
+def check_destination(dest: str | os.PathLike) -> None:
+  """Fails unless an index may be written at `dest`: absent, or an index of ours (after recovering it)."""
   dest = Path(dest)
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  recover(dest)
+  if dest.parent.is_dir():
+    recover(dest)
   if dest.exists() and not is_ours(dest):
     raise StoreError(f"{dest} exists and is not a kadiff retrieval index (no manifest.json with format "
                      f"{FORMAT!r}); refusing to replace it")
+
+
+def _atomic_dir(dest: Path, fill) -> None:
+  dest = Path(dest)
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  check_destination(dest)
   tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
   old = dest.parent / f".{dest.name}.old-{os.getpid()}"
   for p in (tmp, old):

@@ -7,8 +7,11 @@ attributes and context. Every network answer and every summary is cached on
 disk under a key made from its inputs, so a rebuild repeats no request.
 
 Failures never stop a corpus build: rate limits are retried with exponential
-back-off, timeouts and other errors are logged, and the entity keeps the text
-it had.
+back-off; every other failure of a page or an API answer (transport, status,
+size, deadline, charset, unexpected JSON) is logged, cached as a failure that
+is retried after `failure_ttl`, and the entity keeps the text it had. All
+requests go through `retrieval.http_client` (http/https to public hosts only, with
+connect/read timeouts, a deadline and a size cap).
 """
 
 from __future__ import annotations
@@ -18,32 +21,19 @@ import hashlib
 import html.parser
 import json
 import logging
+import math
 import os
 import re
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from retrieval.errors import NetworkError, RateLimited, Timeout
+from retrieval.http_client import USER_AGENT, HttpPolicy, fetch
+
 log = logging.getLogger(__name__)
-
-USER_AGENT = "kadiff-jax/0.1 (knowledge-augmented retrieval; +https://pypi.org/project/kadiff-jax)"
-
-
-class NetworkError(RuntimeError):
-  """A request failed for good (after retries, where retrying made sense)."""
-
-
-class RateLimited(NetworkError):
-  def __init__(self, msg: str, retry_after: float | None = None):
-    super().__init__(msg)
-    self.retry_after = retry_after
-
-
-class Timeout(NetworkError):
-  pass
+__all__ = ["NetworkError", "RateLimited", "Timeout", "USER_AGENT", "HttpPolicy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +90,23 @@ class DiskCache:
     tmp.write_text(json.dumps({"key": key, "value": value}))
     os.replace(tmp, p)
 
-  def cached(self, kind: str, key: Any, compute: Callable[[], Any]):
+  def cached(self, kind: str, key: Any, compute: Callable[[], Any], *, failure_ttl: float | None = None,
+             now: Callable[[], float] = time.time):
+    """The cached value, or `compute()` stored. With `failure_ttl`, a NetworkError from `compute` is stored
+    too and raised again without computing until `failure_ttl` seconds have passed."""
     value = self.get(kind, key)
+    if isinstance(value, dict) and "__failure__" in value:
+      if now() < value["retry_after"]:
+        raise NetworkError(f"{value['__failure__']} (cached failure; retried after "
+                           f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(value['retry_after']))})")
+      value = None
     if value is None:
-      value = compute()
+      try:
+        value = compute()
+      except NetworkError as e:
+        if failure_ttl is not None and not isinstance(e, RateLimited):
+          self.put(kind, key, {"__failure__": str(e), "retry_after": now() + failure_ttl})
+        raise
       self.put(kind, key, value)
     return value
 
@@ -129,35 +132,13 @@ class RetryPolicy:
 
 # --- HTTP ------------------------------------------------------------------------------------------
 
-def _fetch(req: urllib.request.Request, url: str, timeout: float) -> tuple[bytes, str]:
-  """(body, charset) of one request, with HTTP and socket failures mapped to our errors."""
-  try:
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-      return r.read(), r.headers.get_content_charset() or "utf-8"
-  except urllib.error.HTTPError as e:
-    if e.code in (429, 503):
-      after = e.headers.get("Retry-After") if e.headers else None
-      raise RateLimited(f"HTTP {e.code} from {url}", float(after) if after and after.isdigit() else None) from None
-    raise NetworkError(f"HTTP {e.code} from {url}: {e.read()[:200]!r}") from None
-  except TimeoutError:
-    raise Timeout(f"no answer from {url} within {timeout}s") from None
-  except urllib.error.URLError as e:
-    if isinstance(e.reason, TimeoutError):
-      raise Timeout(f"no answer from {url} within {timeout}s") from None
-    raise NetworkError(f"{url}: {e.reason}") from None
-
-
-def http_get(url: str, *, timeout: float, headers: dict[str, str] | None = None) -> str:
-  req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
-  body, charset = _fetch(req, url, timeout)
+def http_get(url: str, *, policy: HttpPolicy, headers: dict[str, str] | None = None) -> str:
+  body, charset = fetch(url, policy, headers=headers)
   return body.decode(charset, errors="replace")
 
 
-def http_post_json(url: str, body: dict, *, timeout: float, headers: dict[str, str] | None = None) -> dict:
-  req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                               headers={"User-Agent": USER_AGENT, "Content-Type": "application/json",
-                                        **(headers or {})})
-  answer, charset = _fetch(req, url, timeout)
+def http_post_json(url: str, body: dict, *, policy: HttpPolicy, headers: dict[str, str] | None = None) -> Any:
+  answer, charset = fetch(url, policy, method="POST", json_body=body, headers=headers)
   try:
     return json.loads(answer.decode(charset, errors="replace"))
   except json.JSONDecodeError as e:
@@ -216,11 +197,15 @@ _WIKI = re.compile(r"^https?://([a-z\-]+)\.(?:m\.)?wikipedia\.org/wiki/([^?#]+)"
 class PageFetcher:
   """Paragraphs of a page: Wikipedia through its API, anything else from its HTML."""
 
-  timeout: float = 10.0
+  policy: HttpPolicy = HttpPolicy()
   min_chars: int = 40
   max_paragraphs: int = 8
   # "{lang}" is replaced by the page's language; tests point this at a local server.
   wikipedia_api: str = "https://{lang}.wikipedia.org/w/api.php"
+
+  def cache_key(self, url: str) -> list:
+    """What the answer depends on."""
+    return [url, self.max_paragraphs, self.min_chars, self.policy.max_bytes]
 
   def fetch(self, url: str) -> list[str]:
     m = _WIKI.match(url)
@@ -228,13 +213,19 @@ class PageFetcher:
       lang, title = m.group(1), urllib.parse.unquote(m.group(2))
       q = urllib.parse.urlencode({"action": "query", "prop": "extracts", "explaintext": 1, "redirects": 1,
                                   "format": "json", "titles": title.replace("_", " ")})
-      data = json.loads(http_get(f"{self.wikipedia_api.format(lang=lang)}?{q}", timeout=self.timeout))
-      pages = data.get("query", {}).get("pages", {})
-      text = "\n".join(p.get("extract", "") for p in pages.values())
+      api = f"{self.wikipedia_api.format(lang=lang)}?{q}"
+      try:
+        data = json.loads(http_get(api, policy=self.policy))
+      except json.JSONDecodeError as e:
+        raise NetworkError(f"{api} did not answer JSON: {e}") from None
+      pages = data.get("query", {}).get("pages", {}) if isinstance(data, dict) else None
+      if not isinstance(pages, dict) or not all(isinstance(p, dict) for p in pages.values()):
+        raise NetworkError(f"{api}: unexpected answer {str(data)[:120]}")
+      text = "\n".join(str(p.get("extract") or "") for p in pages.values())
       paragraphs = [re.sub(r"\s+", " ", p).strip() for p in text.split("\n")]
       paragraphs = [p for p in paragraphs if not p.startswith("==")]
     else:
-      paragraphs = html_paragraphs(http_get(url, timeout=self.timeout))
+      paragraphs = html_paragraphs(http_get(url, policy=self.policy))
     return [p for p in paragraphs if len(p) >= self.min_chars][:self.max_paragraphs]
 
 
@@ -248,15 +239,18 @@ class DDGSSearch:
       import ddgs  # noqa: F401
     except ImportError:
       raise NetworkError("web augmentation needs `ddgs` (pip install 'kadiff-jax[retrieval]')") from None
-    self.backend, self.timeout, self.region = backend, timeout, region
-    self.id = f"ddgs:{backend}:{region}"
+    if not timeout > 0:
+      raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds")
+    # ddgs takes whole seconds: round up, so --timeout 0.5 means 1 s, never 0
+    self.backend, self.timeout, self.region = backend, max(1, math.ceil(timeout)), region
+    self.id = f"ddgs:{backend}:{region}:timeout={self.timeout}"  # part of the cache key: it changes the answer
 
   def search(self, query: str, max_results: int) -> list[SearchHit]:
     from ddgs import DDGS
     from ddgs import exceptions as ddgs_errors
     try:
-      rows = DDGS(timeout=int(self.timeout)).text(query, region=self.region, max_results=max_results,
-                                                  backend=self.backend)
+      rows = DDGS(timeout=self.timeout).text(query, region=self.region, max_results=max_results,
+                                             backend=self.backend)
     except ddgs_errors.RatelimitException as e:
       raise RateLimited(f"ddgs: {e}") from None
     except ddgs_errors.TimeoutException as e:
@@ -265,7 +259,10 @@ class DDGSSearch:
       if "No results" in str(e):
         return []
       raise NetworkError(f"ddgs: {e}") from None
-    return [SearchHit(r.get("title", ""), r.get("href", ""), r.get("body", "")) for r in rows or []]
+    except Exception as e:  # a transport error inside ddgs
+      raise NetworkError(f"ddgs: {type(e).__name__}: {e}") from None
+    return [SearchHit(str(r.get("title", "")), str(r.get("href", "")), str(r.get("body", "")))
+            for r in rows or [] if isinstance(r, dict)]
 
 
 # --- summarisers -------------------------------------------------------------------------------------
@@ -342,8 +339,9 @@ class TransformersSummarizer:
 class OpenAICompatibleSummarizer:
   """Any OpenAI-compatible chat endpoint (vLLM, llama.cpp server, ...): POST {url}/chat/completions."""
 
-  def __init__(self, url: str, model: str, timeout: float = 60.0, api_key_env: str = "OPENAI_API_KEY"):
-    self.url, self.model, self.timeout = url.rstrip("/"), model, timeout
+  def __init__(self, url: str, model: str, policy: HttpPolicy = HttpPolicy(read_timeout=60.0, deadline=120.0),
+               api_key_env: str = "OPENAI_API_KEY"):
+    self.url, self.model, self.policy = url.rstrip("/"), model, policy
     self.api_key_env = api_key_env
     self.id = f"openai:{self.url}#{model}"
 
@@ -353,14 +351,17 @@ class OpenAICompatibleSummarizer:
         f"{self.url}/chat/completions",
         {"model": self.model, "temperature": 0, "max_tokens": 300,
          "messages": [{"role": "user", "content": summary_prompt(entity, paragraphs)}]},
-        timeout=self.timeout, headers={"Authorization": f"Bearer {key}"} if key else None)
+        policy=self.policy, headers={"Authorization": f"Bearer {key}"} if key else None)
     try:
-      return answer["choices"][0]["message"]["content"].strip()
+      content = answer["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
-      raise NetworkError(f"{self.url}: unexpected chat answer {str(answer)[:200]}") from None
+      content = None
+    if not isinstance(content, str):
+      raise NetworkError(f"{self.url}: unexpected chat answer {str(answer)[:200]}")
+    return content.strip()
 
 
-def load_summarizer(spec: str, model: str | None = None) -> Summarizer:
+def load_summarizer(spec: str, model: str | None = None, policy: HttpPolicy | None = None) -> Summarizer:
   """'extractive', 'hf:MODEL_ID_OR_DIR' or 'openai:URL' (with `model` the endpoint's model name)."""
   if spec == "extractive":
     return ExtractiveSummarizer()
@@ -369,7 +370,8 @@ def load_summarizer(spec: str, model: str | None = None) -> Summarizer:
   if spec.startswith("openai:"):
     if not model:
       raise ValueError("--summarizer openai:URL needs --summarizer-model NAME")
-    return OpenAICompatibleSummarizer(spec[len("openai:"):], model)
+    url = spec[len("openai:"):]
+    return OpenAICompatibleSummarizer(url, model, policy) if policy else OpenAICompatibleSummarizer(url, model)
   raise ValueError(f"summariser {spec!r}: expected 'extractive', 'hf:MODEL' or 'openai:URL'")
 
 
@@ -388,27 +390,41 @@ class WebAugmenter:
 
   def __init__(self, search: SearchBackend, summarizer: Summarizer, *, fetcher: PageFetcher = PageFetcher(),
                cache: DiskCache = DiskCache(None), retry: RetryPolicy = RetryPolicy(), max_pages: int = 3,
-               query_template: str = "{entity}"):
+               query_template: str = "{entity}", failure_ttl: float = 24 * 3600.0):
     self.search, self.summarizer, self.fetcher = search, summarizer, fetcher
     self.cache, self.retry, self.max_pages = cache, retry, max_pages
     self.query_template = query_template
+    self.failure_ttl = failure_ttl  # a failed page, or a search with no results, is tried again after this
 
   def augment(self, entity: str) -> Augmentation:
     errors: list[str] = []
     query = self.query_template.format(entity=entity)
+    def search():
+      hits = self.retry.call(f"search {query!r}", lambda: self.search.search(query, self.max_pages))
+      if not hits:  # not cached for good: "no results" is also what a failing backend may say
+        raise NetworkError(f"search {query!r}: no results")
+      return [dataclasses.asdict(h) for h in hits]
+
     try:
-      hits = self.cache.cached("search", [self.search.id, query, self.max_pages], lambda: [
-          dataclasses.asdict(h) for h in self.retry.call(
-              f"search {query!r}", lambda: self.search.search(query, self.max_pages))])
+      hits = self.cache.cached("search", [self.search.id, query, self.max_pages], search,
+                               failure_ttl=self.failure_ttl)
     except NetworkError as e:
       log.warning("augmenting %r: search failed: %s", entity, e)
       return Augmentation(entity, None, [], [f"search: {e}"])
     paragraphs, sources = [], []
     for h in hits[:self.max_pages]:
       url = h["url"]
+
+      def page():
+        try:
+          return self.retry.call(f"fetch {url}", lambda: self.fetcher.fetch(url))
+        except NetworkError:
+          raise
+        except Exception as e:  # a page no parser should stop the build for: cached as a failure too
+          raise NetworkError(f"{url}: {type(e).__name__}: {e}") from None
+
       try:
-        got = self.cache.cached("page", [url, self.fetcher.max_paragraphs, self.fetcher.min_chars],
-                                lambda: self.retry.call(f"fetch {url}", lambda: self.fetcher.fetch(url)))
+        got = self.cache.cached("page", self.fetcher.cache_key(url), page, failure_ttl=self.failure_ttl)
       except NetworkError as e:
         log.warning("augmenting %r: %s", entity, e)
         errors.append(f"fetch: {e}")
@@ -427,6 +443,8 @@ class WebAugmenter:
     except NetworkError as e:
       log.warning("augmenting %r: summariser failed: %s", entity, e)
       return Augmentation(entity, None, sources, errors + [f"summarise: {e}"])
+    if not isinstance(summary, str):
+      return Augmentation(entity, None, sources, errors + [f"summarise: not text: {str(summary)[:80]}"])
     return Augmentation(entity, summary.strip() or None, sources, errors)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import time
@@ -40,11 +41,14 @@ def read_jobs(path: str | Path) -> list[Job]:
   if not path.is_file():
     raise FileNotFoundError(f"jobs file {path} does not exist")
   rows = []
+  try:
+    text = path.read_text()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"jobs file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
   if path.suffix == ".tsv":
-    with open(path, newline="") as f:
-      rows = list(csv.DictReader(f, delimiter="\t"))
+    rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
   else:
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
       if line.strip():
         try:
           rows.append(json.loads(line))

@@ -48,7 +48,11 @@ def read_queries(path: str | os.PathLike) -> list[Query]:
   if not path.is_file():
     raise FileNotFoundError(f"queries file {path} does not exist")
   out, seen = [], set()
-  for n, line in enumerate(path.read_text().splitlines(), 1):
+  try:
+    text = path.read_text()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"queries file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+  for n, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
     if line.lstrip().startswith("{"):

@@ -30,22 +30,43 @@ class CheckpointNotFound(FileNotFoundError):
   """A model folder, subfolder or weight file is missing."""
 
 
+class CheckpointError(ValueError):
+  """A weight file that exists but cannot be read as what it claims to be."""
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """All tensors of one .safetensors file as numpy arrays (BF16 via ml_dtypes)."""
+  """All tensors of one .safetensors file as numpy arrays (BF16 via ml_dtypes); a damaged file is named."""
+  bad = lambda why: CheckpointError(f"{path} is not a valid .safetensors file: {why}")
   with open(path, "rb") as f:
+    if os.fstat(f.fileno()).st_size < 8:
+      raise bad("shorter than its 8-byte header length")
     buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
   (n,) = struct.unpack("<Q", buf[:8])
-  header = json.loads(buf[8:8 + n])
+  if 8 + n > len(buf):
+    raise bad(f"the header claims {n} bytes, the file has {len(buf) - 8} after the length (truncated?)")
+  try:
+    header = json.loads(buf[8:8 + n])
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise bad(f"its header is not JSON ({e})") from None
+  if not isinstance(header, dict):
+    raise bad(f"its header is a JSON {type(header).__name__}, expected an object")
   out = {}
+  data_len = len(buf) - 8 - n
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    if info["dtype"] not in _DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which kadiff-jax cannot read")
-    start, end = info["data_offsets"]
-    arr = np.frombuffer(buf, dtype=_DTYPES[info["dtype"]], count=(end - start) // np.dtype(_DTYPES[info["dtype"]]).itemsize,
-                        offset=8 + n + start)
-    out[name] = arr.reshape(info["shape"])
+    try:
+      dtype, (start, end), shape = info["dtype"], info["data_offsets"], tuple(int(d) for d in info["shape"])
+    except (KeyError, TypeError, ValueError):
+      raise bad(f"tensor {name!r} has a malformed entry {str(info)[:100]}") from None
+    if dtype not in _DTYPES:
+      raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which kadiff-jax cannot read")
+    itemsize = np.dtype(_DTYPES[dtype]).itemsize
+    if not 0 <= start <= end <= data_len or (end - start) != int(np.prod(shape)) * itemsize:
+      raise bad(f"tensor {name!r} spans bytes {start}-{end} for shape {shape}, but the data has {data_len} "
+                "bytes (truncated?)")
+    out[name] = np.frombuffer(buf, dtype=_DTYPES[dtype], count=(end - start) // itemsize,
+                              offset=8 + n + start).reshape(shape)
   return out
 
 
@@ -56,7 +77,18 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
   except ImportError:
     raise CheckpointNotFound(f"{path} is a PyTorch .bin checkpoint; reading it needs torch "
                              "(pip install 'kadiff-jax[test]' or torch), or convert it to .safetensors") from None
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  import pickle
+  import zipfile
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise CheckpointError(f"{path}: refused to unpickle it (only tensors and plain containers are loaded; "
+                          f"{str(e).splitlines()[0]})") from None
+  except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+  if not isinstance(state, dict):
+    raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a state dict")
   return torch_state_to_numpy(state)
 
 
@@ -122,13 +154,41 @@ def resolve_model(path_or_id: str, allow_patterns: Iterable[str] | None = None, 
     return p
   if path_or_id.count("/") != 1 or path_or_id.startswith((".", "/", "~")):
     raise CheckpointNotFound(f"model {path_or_id!r} is neither an existing folder nor a Hub id like 'owner/name'")
+  from huggingface_hub import HfApi, constants, snapshot_download
+  patterns = list(allow_patterns or []) or None
+  if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or constants.HF_HUB_OFFLINE:
+    try:
+      return Path(snapshot_download(path_or_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+      raise CheckpointNotFound(f"HF_HUB_OFFLINE is set and {path_or_id!r} is not in the local Hugging Face cache; "
+                               "pass a local folder, or unset HF_HUB_OFFLINE to download it") from None
+  timeout = hub_timeout()
+  log.info("resolving %s through huggingface_hub (%ss timeout)", path_or_id, timeout)
   try:
-    from huggingface_hub import snapshot_download
-    log.info("resolving %s through huggingface_hub", path_or_id)
-    return Path(snapshot_download(path_or_id, revision=revision, allow_patterns=list(allow_patterns or []) or None))
-  except Exception as e:  # offline, unknown repo, gated...
+    # snapshot_download's own metadata request has no timeout: ask once with one, so a silent endpoint fails
+    HfApi().repo_info(path_or_id, revision=revision, timeout=timeout)
+    return Path(snapshot_download(path_or_id, revision=revision, allow_patterns=patterns, etag_timeout=timeout))
+  except Exception as e:  # offline, unknown repo, gated, an endpoint that never answers...
+    name = type(e).__name__
+    if "Timeout" in name or "timed out" in str(e):
+      raise CheckpointNotFound(f"the Hugging Face Hub ({constants.ENDPOINT}) did not answer within {timeout}s for "
+                               f"{path_or_id!r}; set KADIFF_HUB_TIMEOUT, HF_HUB_OFFLINE=1, or pass a local "
+                               "folder") from None
     raise CheckpointNotFound(f"could not fetch {path_or_id!r} from the Hugging Face Hub "
-                             f"({type(e).__name__}: {e}); pass a local folder instead") from None
+                             f"({name}: {str(e).splitlines()[0] if str(e) else ''}); pass a local folder "
+                             "instead") from None
+
+
+def hub_timeout() -> float:
+  """Seconds to wait for the Hub to connect and answer (KADIFF_HUB_TIMEOUT, default 30)."""
+  value = os.environ.get("KADIFF_HUB_TIMEOUT", "30")
+  try:
+    t = float(value)
+  except ValueError:
+    t = -1.0
+  if not t > 0:
+    raise ValueError(f"KADIFF_HUB_TIMEOUT={value!r}: expected a positive number of seconds")
+  return t
 
 
 def component_dir(root: Path, name: str) -> Path:
@@ -142,6 +202,9 @@ def read_json(path: Path) -> dict:
   if not path.is_file():
     raise CheckpointNotFound(f"missing {path}")
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
+    data = json.loads(path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+  return data
