@@ -288,7 +288,7 @@ def _check_manifest(path: Path, manifest: dict) -> None:
   """Fields a manifest must have, with their types, named when missing or wrong."""
   for key, kind in _MANIFEST_FIELDS.items():
     if not isinstance(manifest.get(key), kind):
-      raise StoreError(f"{path}: field {key!r} is {manifest.get(key)!r}, expected a {kind.__name__}")
+      raise StoreError(f"{path}: field {key!r} is {manifest.get(key)!r}, expected type {kind.__name__}")
   for key, sub in (("embedder", "dim"), ("embedder", "fingerprint"), ("index", "backend")):
     if sub not in manifest[key]:
       raise StoreError(f"{path}: field {key}.{sub} is missing")

@@ -310,7 +310,7 @@ def test_interrupted_saves_are_recovered_and_tampering_refused(tmp_path, minilm,
   manifest = json.loads((folder / "manifest.json").read_text())
   del manifest["count"]
   (folder / "manifest.json").write_text(json.dumps(manifest))
-  with pytest.raises(store.StoreError, match="field 'count' is None, expected a int"):
+  with pytest.raises(store.StoreError, match="field 'count' is None, expected type int"):
     store.RetrievalIndex.load(folder)
 
 

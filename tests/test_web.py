@@ -12,6 +12,9 @@ import pytest
 
 from retrieval import corpus, web
 
+# the test servers listen on loopback, which the default policy refuses
+LOCAL = web.HttpPolicy(connect_timeout=2.0, read_timeout=0.5, deadline=5.0, allow_private_hosts=True)
+
 PAGES = {
     "/corgi.html": """<html><head><script>var p = "<p>not text</p>";</script><style>p {}</style></head>
 <body><nav>Home</nav><p>The Pembroke Welsh Corgi is a cattle herding dog breed that originated in Wales.</p>
@@ -97,7 +100,7 @@ def _augmenter(base, search, tmp_path, **kw):
   sleeps = []
   aug = web.WebAugmenter(
       search, web.ExtractiveSummarizer(), cache=web.DiskCache(tmp_path / "cache"),
-      fetcher=web.PageFetcher(timeout=0.5, wikipedia_api=f"{base}/w/api.php"),
+      fetcher=web.PageFetcher(policy=LOCAL, wikipedia_api=f"{base}/w/api.php"),
       retry=web.RetryPolicy(attempts=3, base_delay=0.01, sleep=sleeps.append), **kw)
   return aug, sleeps
 
@@ -164,7 +167,7 @@ def test_augment_entries_appends_summary(server, tmp_path):
 def test_openai_compatible_summarizer(server, monkeypatch):
   base, handler = server
   monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-  s = web.load_summarizer(f"openai:{base}/v1", "local-model")
+  s = web.load_summarizer(f"openai:{base}/v1", "local-model", LOCAL)
   out = s.summarize("Chow Chow", ["A fluffy dog breed from northern China with a blue-black tongue."])
   method, path, body, auth = handler.hits[-1]
   assert (method, path, auth) == ("POST", "/v1/chat/completions", "Bearer sk-test")
