@@ -70,8 +70,10 @@ def coerce(cls, name: str, value: Any) -> Any:
   field, kind = next((f, k) for f, k in _fields(cls) if f.name == name)
   parse = field.metadata.get("parse")
   try:
-    if isinstance(value, str) and parse is not None:
-      return parse(value)
+    if parse is not None:  # the field's own reading of a string; other values (from YAML) are taken as typed
+      if isinstance(value, str):
+        return parse(value)
+      return tuple(value) if kind is tuple and isinstance(value, list) else value
     if kind is tuple:
       return tuple(value) if isinstance(value, (list, tuple)) else parse(value) if parse else (value,)
     if kind is bool:

@@ -38,11 +38,16 @@ def test_every_option_field_has_exactly_one_flag_and_no_argparse_default():
 
 def test_precedence_file_then_key_value_then_flag(tmp_path):
   cfg = tmp_path / "c.yaml"
-  cfg.write_text("steps: 7\nthreshold: 0.5\ninject_steps: 2-5\nmode: masactrl\ninject: [k]\n")
+  cfg.write_text("steps: 7\nthreshold: 0.5\ninject_steps: 2-5\nmode: masactrl\ninject: [k]\n"
+                 "mask_threshold: 0.25\nmask_words: [dog, puppy]\n")
   args = _parse("generate", "--config", cfg, "--out", tmp_path / "o")
   opts = config.build(KADiffOptions, args)
   assert (opts.steps, opts.threshold, opts.inject_steps, opts.mode, opts.inject) == (7, 0.5, (2, 5), "masactrl",
                                                                                       ("k",))
+  assert opts.mask_threshold == 0.25 and opts.mask_words == ("dog", "puppy")  # YAML values keep their types
+  flags = config.build(KADiffOptions, _parse("generate", "--mask-threshold", "otsu", "--inject-steps", "3-4",
+                                             "--mask-words", "dog, puppy", "--out", "o"))
+  assert (flags.mask_threshold, flags.inject_steps, flags.mask_words) == ("otsu", (3, 4), ("dog", "puppy"))
   args = _parse("generate", "--config", cfg, "steps=9", "threshold=0.25", "--out", tmp_path / "o")
   assert (config.build(KADiffOptions, args).steps, config.build(KADiffOptions, args).threshold) == (9, 0.25)
   args = _parse("generate", "steps=9", "--config", cfg, "--steps", "11", "--out", tmp_path / "o")

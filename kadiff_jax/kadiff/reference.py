@@ -1,8 +1,9 @@
 """Reference preparation (spec 4-5): everything KA-Diff needs of a reference, computed once.
 
 `prepare_references` reads each reference image once and returns a
-`PreparedReference`: its pixels, IP-Adapter tokens, ref_prompt embeddings,
-and its DDIM inversion, run batched over the mesh on the one sampler: the
+`PreparedReference`: the image, its IP-Adapter tokens, the ref_prompt's
+embeddings, and its DDIM inversion, run batched over the mesh on the one
+sampler (the image resized and VAE-encoded inside it): the
 latent trajectory in denoising order (entry s is what the denoiser sees at
 step s; entry 0 is z_T, the last is z0_ref) and the cond-row `up_blocks.0`
 (DIFT) features, also in denoising order (entry s was captured at the
