@@ -132,3 +132,26 @@ def test_sharded_over_4_cpu_devices_equals_single_device(tmp_path, tiny_dir):
   for lat, img in ((r["lat1"], r["img1"]), (r["lat1b"], r["img1b"])):
     assert np.abs(r["lat4"] - lat).max() / np.abs(lat).max() < 2e-5
     assert np.abs(r["img4"].astype(int) - img).max() <= 1
+
+
+def test_second_cli_run_loads_its_programs_from_the_persistent_cache(tmp_path, tiny_dir):
+  """The CLI keeps JAX's compilation cache under $KADIFF_CACHE/xla: a second process running the same shapes
+  compiles nothing; KADIFF_COMPILE_CACHE=off turns it off."""
+  env = {**os.environ, "KADIFF_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+  argv = [sys.executable, "-m", "kadiff_jax.cli", "-v", "generate", "--model", str(tiny_dir), "--prompt", "a cat",
+          "--steps", "2"]
+
+  def programs(out, **extra):
+    run = subprocess.run(argv + ["--out", str(tmp_path / out)], env={**env, **extra}, capture_output=True,
+                         text=True, timeout=300, check=True)
+    line = next(l for l in run.stderr.splitlines() if "XLA programs:" in l)
+    compiled, loaded = (int(line.split("XLA programs: ")[1].split(" compiled")[0]),
+                        int(line.split(", ")[1].split(" loaded")[0]))
+    return compiled, loaded
+
+  first = programs("a")
+  assert first[0] > 0 and first[1] == 0 and any((tmp_path / "cache" / "xla").iterdir())
+  assert programs("b") == (0, first[0])
+  assert programs("c", KADIFF_COMPILE_CACHE="off") == (first[0], 0)
+  np.testing.assert_array_equal(np.asarray(__import__("PIL.Image").Image.open(tmp_path / "a" / "seed0_0000.png")),
+                                np.asarray(__import__("PIL.Image").Image.open(tmp_path / "b" / "seed0_0000.png")))
