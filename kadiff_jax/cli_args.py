@@ -95,7 +95,6 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) ->
     flags = {a.dest: a.option_strings[-1] for a in leaf._actions if a.option_strings}
     raise UsageError(f"'kadiff {where}' needs " + ", ".join(f"{flags.get(d, d)} (or config key {d!r})"
                                                             for d in missing))
-  args._config_values = values
   return args
 
 

@@ -11,8 +11,8 @@ a help text (`option(...)`). From those fields this module derives
 
 Precedence: dataclass default < config file < key=value < flag. Unknown keys
 are an error naming the nearest valid key. `build(cls, args)` makes the
-dataclass from whatever was set; `resolved(...)` is what gets written beside
-the outputs (`config.yaml`), so a run can be repeated with `--config`.
+dataclass from whatever was set; `write_resolved` writes the options a run
+resolved beside its outputs (`config.yaml`), so it can be repeated with `--config`.
 """
 
 from __future__ import annotations
@@ -99,8 +99,6 @@ def add_options(parser: argparse.ArgumentParser, *classes, group: str | None = N
                 exclude: Sequence[str] = ()) -> None:
   """Adds a flag per field of `classes` (a field shared by several classes gets one flag)."""
   target = parser.add_argument_group(group) if group else parser
-  known = getattr(parser, "_kadiff_option_classes", ())
-  parser._kadiff_option_classes = tuple(known) + tuple(c for c in classes if c not in known)
   seen = {a.dest for a in parser._actions}
   for cls in classes:
     for f, kind in _fields(cls):
