@@ -9,7 +9,7 @@ import os
 import sys
 import traceback
 
-from kadiff_jax import cli_args
+from kadiff_jax import cli_args, compile_cache
 from kadiff_jax.cli_args import UsageError  # noqa: F401  (re-exported for callers of the old module)
 
 
@@ -40,50 +40,6 @@ def _pixel_limit() -> None:
     Image.MAX_IMAGE_PIXELS = int(value) // 2
 
 
-def _compile_cache() -> None:
-  """JAX's persistent compilation cache under $KADIFF_CACHE/xla (KADIFF_COMPILE_CACHE=DIR or 'off'), so a
-  second run of the same shapes loads its programs instead of compiling them again."""
-  import jax
-  from kadiff_jax.weights.load import default_cache_dir
-  where = os.environ.get("KADIFF_COMPILE_CACHE") or str(default_cache_dir() / "xla")
-  if where.lower() == "off":
-    return
-  jax.config.update("jax_compilation_cache_dir", where)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-class _CompileLog:
-  """Counts programs compiled vs loaded from the persistent cache during a command (logged with -v)."""
-
-  def __init__(self):
-    self.counts: dict[str, float] = {}
-
-  def event(self, name, **_):
-    self.counts[name] = self.counts.get(name, 0) + 1
-
-  def duration(self, name, seconds, **_):
-    self.counts[name] = self.counts.get(name, 0) + seconds
-    self.counts[name + "#"] = self.counts.get(name + "#", 0) + 1
-
-  def __enter__(self):
-    import jax
-    jax.monitoring.register_event_listener(self.event)
-    jax.monitoring.register_event_duration_secs_listener(self.duration)
-    return self
-
-  def __exit__(self, *exc):
-    import jax
-    jax.monitoring.unregister_event_listener(self.event)
-    jax.monitoring.unregister_event_duration_listener(self.duration)
-    c = self.counts
-    hits = c.get("/jax/compilation_cache/cache_hits", 0)
-    logging.getLogger("kadiff_jax").info(
-        "XLA programs: %d compiled, %d loaded from the compilation cache (%.1fs of compiling saved); %.1fs in "
-        "the backend", c.get("/jax/core/compile/backend_compile_duration#", 0) - hits, hits,
-        c.get("/jax/compilation_cache/compile_time_saved_sec", 0), c.get("/jax/core/compile/backend_compile_duration", 0))
-
-
 def _one_line(e: BaseException) -> str:
   """The error as one line: expected errors say what they say; anything else is named by its type."""
   text = " ".join(str(e).split()) or type(e).__name__
@@ -100,11 +56,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(message)s")
     _pixel_limit()
-    _compile_cache()
+    compile_cache.enable()
     if getattr(args, "coordinator", None) or getattr(args, "num_processes", None):
       from kadiff_jax import sharding
       sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    with _CompileLog():
+    with compile_cache.CompileLog():
       args.func(args)
   except KeyboardInterrupt:
     print("kadiff: interrupted", file=sys.stderr)
