@@ -1,7 +1,7 @@
 """Golden final latents of tiny end-to-end runs: text-to-image, inversion, KA-Diff (all modes).
 
 The values in `golden/tiny_runs.npz` were recorded with the code as it stood
-before the sampler refactor (commit "tests: golden latents"), so they pin
+before the sampler refactor (commit bb87db4, on 2bbf48e's code), so they pin
 behaviour across structural changes. They are our own numbers: parity with
 the reference stack is asserted elsewhere (test_pipeline, test_unet, ...);
 these only say "nothing moved". `KADIFF_RECORD_GOLDEN=1` rewrites the file.
