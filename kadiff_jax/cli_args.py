@@ -124,19 +124,14 @@ def read_init_latents(path: str | None, n: int) -> np.ndarray | None:
 
 def write_config(out_dir: str | os.PathLike, args: argparse.Namespace, **sections) -> Path:
   """Writes `out_dir`/config.yaml: the resolved options plus this command's other arguments (loadable
-  again with --config)."""
+  again with --config by the same command)."""
+  import dataclasses
   from kadiff_jax import sharding
-  plain = {k: v for k, v in vars(args).items()
-           if not k.startswith("_") and k not in ("func", "config", "command", "verbose")
-           and not any(k in {f for f in _field_names(s)} for s in sections.values())
+  resolved = {f.name for s in sections.values() for f in dataclasses.fields(s)}
+  plain = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
+           if k in _command_dests(args._leaf) and k not in resolved
            and isinstance(v, (str, int, float, bool, type(None), list, tuple))}
   path = Path(out_dir) / "config.yaml"
   if sharding.is_writer():
-    config.write_resolved(path, {"args": {k: list(v) if isinstance(v, tuple) else v for k, v in plain.items()},
-                                 **sections})
+    config.write_resolved(path, {"args": plain, **sections})
   return path
-
-
-def _field_names(obj) -> list[str]:
-  import dataclasses
-  return [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []

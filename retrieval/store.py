@@ -21,6 +21,7 @@ temporary folders of builds that died are removed, each with a log line.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import hashlib
 import json
@@ -196,7 +197,7 @@ class RetrievalIndex:
       self._pending[e.id] = e
 
   def delete(self, docids: Sequence[str]) -> None:
-    repeated = sorted({d for d in docids if list(docids).count(d) > 1})
+    repeated = sorted(d for d, n in collections.Counter(docids).items() if n > 1)
     if repeated:
       raise StoreError(f"docids given more than once: {repeated[:10]}")
     missing = [d for d in docids if d not in self.index.row]

@@ -168,6 +168,10 @@ def test_visualize_correspondence_cli(tmp_path, tiny_dir, capsys):
       if not lo <= row["step"] <= hi:
         assert row["matched"] == 0
     assert any(row["injected"] > 0 for row in rows)
+  # the written config.yaml is this command's own: it parses back (the parent's sub-command names stay out)
+  from kadiff_jax import cli_args
+  again = cli_args.parse(cli.build_parser(), ["visualize", "correspondence", "--config", str(out / "config.yaml")])
+  assert (again.reference, again.mask, again.size, again.steps) == (str(ref), "auto", 128, 6)
   assert cli.main(argv[:-4] + ["--step", "1", "--out", str(out)]) == 2
   assert "injection runs at steps 2-5" in capsys.readouterr().err
   shutil.rmtree(out)

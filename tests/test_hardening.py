@@ -396,10 +396,8 @@ def test_damaged_weights_are_one_line_naming_the_file(tmp_path, tiny_dir, capsys
 def test_decompression_bomb_is_one_line(tmp_path, capsys, monkeypatch):
   Image.new("RGB", (64, 64)).save(tmp_path / "r.png")
   monkeypatch.setenv("KADIFF_MAX_IMAGE_PIXELS", "1000")
-  try:
-    assert cli.main(["generate", "--mode", "kadiff", "--reference", str(tmp_path / "r.png"), "--out",
-                     str(tmp_path / "o")]) == 2
-  finally:
-    Image.MAX_IMAGE_PIXELS = 89478485  # PIL's default, for the tests that follow in this process
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+  assert cli.main(["generate", "--mode", "kadiff", "--reference", str(tmp_path / "r.png"), "--out",
+                   str(tmp_path / "o")]) == 2
   _one_line_error(capsys, "r.png: Image size (4096 pixels) exceeds limit of 1000 pixels",
                   "KADIFF_MAX_IMAGE_PIXELS")
