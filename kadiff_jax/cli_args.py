@@ -122,7 +122,7 @@ def read_init_latents(path: str | None, n: int) -> np.ndarray | None:
   return init.astype(np.float32).transpose(0, 2, 3, 1)
 
 
-def write_config(out_dir: str | os.PathLike, args: argparse.Namespace, **sections) -> Path:
+def write_config(out_dir: str | os.PathLike, args: argparse.Namespace, **sections):
   """Writes `out_dir`/config.yaml: the resolved options plus this command's other arguments (loadable
   again with --config by the same command)."""
   import dataclasses
@@ -131,7 +131,8 @@ def write_config(out_dir: str | os.PathLike, args: argparse.Namespace, **section
   plain = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
            if k in _command_dests(args._leaf) and k not in resolved
            and isinstance(v, (str, int, float, bool, type(None), list, tuple))}
-  path = Path(out_dir) / "config.yaml"
+  from kadiff_jax.outputs import OutputDir
+  out = OutputDir(out_dir)
   if sharding.is_writer():
-    config.write_resolved(path, {"args": plain, **sections})
-  return path
+    out.write_text("config.yaml", config.resolved_yaml({"args": plain, **sections}))
+  return out

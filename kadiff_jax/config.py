@@ -11,7 +11,7 @@ a help text (`option(...)`). From those fields this module derives
 
 Precedence: dataclass default < config file < key=value < flag. Unknown keys
 are an error naming the nearest valid key. `build(cls, args)` makes the
-dataclass from whatever was set; `write_resolved` writes the options a run
+dataclass from whatever was set; `resolved_yaml` gives the options a run
 resolved beside its outputs (`config.yaml`), so it can be repeated with `--config`.
 """
 
@@ -199,14 +199,9 @@ def check_keys(values: dict[str, Any], valid: Sequence[str], where: str) -> None
       raise ConfigKeyError(f"unknown {where} key {key!r}{hint}")
 
 
-def write_resolved(path: str | os.PathLike, sections: dict[str, Any]) -> Path:
-  """Writes the resolved configuration (a flat mapping loadable with --config) atomically."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+def resolved_yaml(sections: dict[str, Any]) -> str:
+  """The resolved configuration as YAML: one flat mapping of every section's values, loadable with --config."""
   flat: dict[str, Any] = {}
   for value in sections.values():
     flat.update(asdict(value) if dataclasses.is_dataclass(value) else value)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(yaml.safe_dump(flat, sort_keys=True))
-  os.replace(tmp, path)
-  return path
+  return yaml.safe_dump(flat, sort_keys=True)

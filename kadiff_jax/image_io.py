@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -17,15 +18,22 @@ def to_uint8(images) -> np.ndarray:
   return (x * 255).round().astype(np.uint8)
 
 
-def write_png(path: str | os.PathLike, image: np.ndarray, metadata: dict[str, Any] | None = None) -> Path:
-  """Writes a uint8 HWC image atomically; metadata values become PNG text chunks (JSON for non-strings)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+def png_bytes(image: np.ndarray, metadata: dict[str, Any] | None = None) -> bytes:
+  """A uint8 HWC image as PNG; metadata values become PNG text chunks (JSON for non-strings)."""
   info = PngImagePlugin.PngInfo()
   for k, v in (metadata or {}).items():
     info.add_text(k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
+  return buf.getvalue()
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray, metadata: dict[str, Any] | None = None) -> Path:
+  """Writes a uint8 HWC image atomically (a temporary name, then a rename)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+  tmp.write_bytes(png_bytes(image, metadata))
   os.replace(tmp, path)
   return path
 

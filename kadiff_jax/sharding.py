@@ -106,8 +106,16 @@ def to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def barrier(name: str) -> None:
+  """Waits until every process gets here (a no-op in one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def is_writer() -> bool:
-  """Whether this process writes outputs (process 0; every process computes)."""
+  """Whether this process writes the run's shared files (config, records: process 0; every process computes
+  and writes the images its own devices made)."""
   return jax.process_index() == 0
 
 

@@ -183,7 +183,7 @@ def test_generate_cli_with_auto_mask_writes_and_records_it(tmp_path, tiny_dir):
   out = tmp_path / "out"
   argv = ["generate", "--model", str(tiny_dir), "--mode", "kadiff", "--reference", str(ref), "--ref-prompt",
           "a photo of a dog", "--prompt", "a dog in the snow", "--mask", "auto", "--steps", "4",
-          "--inject-layers", "up_blocks.*", "--no-baseline", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+          "--inject-layers", "up_blocks.*", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
   assert cli.main(argv) == 0
   mask = np.asarray(image_io.load_rgb(out / "seed0_0000_mask.png"))
   assert mask.shape == (64, 64, 3) and set(np.unique(mask)) <= {0, 255}

@@ -110,7 +110,7 @@ def test_release_config_runs_on_the_tiny_model_and_writes_what_it_resolved(tmp_p
   out = tmp_path / "out"
   argv = ["generate", "--config", str(CONFIGS / "kadiff_sdxl_release.yaml"), f"model={tiny_dir}", "steps=10",
           "variant=null", "dtype=fp32", "ip_adapter=null", "image_encoder=null", "--reference", str(ref),
-          "--ref-prompt", "a photo of a thing", "--prompt", "a thing in the snow", "--out", str(out),
+          "--ref-prompt", "a photo of a thing", "--prompt", "a thing in the snow", "--baseline", "--out", str(out),
           "--cache-dir", str(tmp_path / "c")]
   assert cli.main(argv) == 0
   written = yaml.safe_load((out / "config.yaml").read_text())

@@ -23,7 +23,7 @@ def test_run_retrieves_generates_and_records(tmp_path, tiny_dir, capsys):
       json.dumps({"id": "chow", "prompt": "a chow chow in the snow", "seed": 3}),
       json.dumps({"id": "nothing", "prompt": "quantum chromodynamics lecture notes"}),
       json.dumps({"prompt": "a rubber duck on the beach", "mask": "auto"})]))
-  argv = ["run", "--index", str(idx), "--queries", str(queries), "--model", str(tiny_dir), "--steps", "3",
+  argv = ["run", "--index", str(idx), "--queries", str(queries), "--model", str(tiny_dir), "--steps", "3", "--baseline",
           "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"), "--min-score", "0.3"]
   capsys.readouterr()
   assert cli.main(argv) == 0

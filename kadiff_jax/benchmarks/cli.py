@@ -24,8 +24,17 @@ def add_parsers(sub) -> None:
   bu.add_argument("--torch-dtype", default=None, choices=["fp32", "bf16", "fp16"])
   bc = bsub.add_parser("correspondence", help="spec 6.3 correspondence, ours vs the reference's per-source loop")
   bc.add_argument("--iters", type=int, default=5)
-  bp = bsub.add_parser("pipeline", help="KA-Diff per-phase timings; diffusers' IP-Adapter pass as reference")
+  bp = bsub.add_parser("pipeline", help="KA-Diff per-phase timings, diffusers' IP-Adapter pass as reference; with "
+                       "--config, the row layouts' FLOPs, memory and images/s on random weights")
   bp.add_argument("--model", default="tiny")
+  bp.add_argument("--config", default=None, choices=["tiny", "mid", "sdxl"],
+                  help="account the injection pass (grouped vs the release's 4 rows per job) and the inversion on "
+                  "this UNet config with random weights, instead of timing a model folder's phases")
+  bp.add_argument("--group-sizes", default="1,4,8", help="with --config: jobs per reference to compare")
+  bp.add_argument("--size", type=int, default=None, help="with --config: image side (default: the config's)")
+  bp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="with --config")
+  bp.add_argument("--abstract", action="store_true", help="with --config: compile from shapes only (no weights, no "
+                  "run): FLOPs and memory of full SDXL on any machine")
   bp.add_argument("--steps", type=int, default=10)
   bp.add_argument("--inject-layers", default=None, help="default: the model's (44-70 for SDXL, up_blocks.* otherwise)")
   bp.add_argument("--ip-adapter", default=None, type=Path)

@@ -2,7 +2,8 @@
 
 Phases (median of 3 calls after a warm-up call, so compile time is reported apart):
 inversion (with the reference's text and image tokens), the KA-Diff injection
-pass (4 rows per image), the plain IP-Adapter pass (2 rows), and VAE decode. The reference figure is diffusers'
+pass (3 rows for one image), the plain IP-Adapter pass (2 rows), and VAE decode.
+With `--config` it accounts row layouts instead (`benchmarks/rows.py`). The reference figure is diffusers'
 StableDiffusionXLPipeline + load_ip_adapter generating from the same folder,
 steps and size (needs the `test` extra). Prints one JSON object last.
 """
@@ -90,10 +91,16 @@ def run(model: str = "tiny", steps: int = 10, inject_layers: str | None = None, 
     _, t_ref = _median(call)
     out.update({"diffusers_ip_adapter_pass_s": round(t_ref, 3),
                 "baseline_speedup_vs_diffusers": round(t_ref / max(t_base - t_dec, 1e-9), 2),
-                "note": "our KA-Diff pass runs 4 UNet rows per image (gen + ref), the baseline 2, as diffusers"})
+                "note": "our KA-Diff pass runs 3 UNet rows for one image (uncond_gen, cond_gen, cond_ref), the "
+                "baseline 2, as diffusers; --config compares row layouts at several jobs per reference"})
   return out
 
 
 def main(args) -> None:
+  if args.config:
+    from kadiff_jax.benchmarks import rows
+    ks = tuple(int(k) for k in args.group_sizes.split(","))
+    print(json.dumps(rows.run(args.config, ks, args.steps, args.size, args.dtype, args.abstract)))
+    return
   print(json.dumps(run(args.model, args.steps, args.inject_layers, args.ip_adapter, args.image_encoder,
                        not args.no_torch)))

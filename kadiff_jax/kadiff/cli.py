@@ -68,7 +68,7 @@ def generate_kadiff(args) -> None:
     references = {(prepared.path, prepared.ref_prompt): prepared}
   cli_args.write_config(args.out, args, model=model_opts, kadiff=options)
   done = kjobs.run(models, adapter, jobs, options, args.out, cache_dir=_reference_dir(model_opts),
-                   baseline=not args.no_baseline, batch_size=args.batch_size, init_latents=init,
+                   baseline=args.baseline, batch_size=args.batch_size, init_latents=init,
                    references=references)
   print(f"wrote {len(done)} job(s) to {args.out} ({len(jobs) - len(done)} already done)")
 
@@ -149,7 +149,7 @@ def _run(args) -> None:
   cli_args.write_config(args.out, args, model=model_opts, kadiff=options)
   summary = krun.run(models, adapter, retriever, queries, options, args.out, k=args.k, min_score=args.min_score,
                      on_no_match=args.on_no_match, cache_dir=_reference_dir(model_opts),
-                     baseline=not args.no_baseline, batch_size=args.batch_size)
+                     baseline=args.baseline, batch_size=args.batch_size)
   print(json.dumps(summary))
 
 
@@ -184,7 +184,8 @@ def add_parsers(sub) -> None:
   r.add_argument("--seed", type=int, default=0)
   r.add_argument("--mask", default=None, help="concept mask for the chosen reference (white = concept); 'auto': "
                  "from its cross-attention")
-  r.add_argument("--no-baseline", action="store_true")
+  r.add_argument("--baseline", action="store_true", help="also write the plain IP-Adapter image from the same "
+                 "noise (costs a second pass)")
   add_common(r, KADiffOptions, group="KA-Diff")
   add_web_args(r)
   cli_args.leaf(r, ("run",), _run)

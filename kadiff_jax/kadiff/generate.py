@@ -1,17 +1,21 @@
 """KA-Diff generation (spec 5-6): a denoiser over the one sampler with correspondence-aware K/V injection.
 
-Per job the UNet sees the rows of `KADIFF` [uncond_gen, uncond_ref, cond_gen,
-cond_ref] (`BASELINE`, the plain IP-Adapter image, needs only the two gen
-rows). At step s the ref latent is the inverted trajectory's entry s, and the
-correspondence uses the reference's inversion features of step s-1 and the
-cond_gen `up_blocks.0` output of this same pass at step s-1, carried as the
-denoiser's state (quirk Q3): no second pass. Thresholds and injection steps
-are traced, one per job, so changing them never recompiles.
+The release runs four UNet rows per job (`KADIFF`: uncond_gen, uncond_ref,
+cond_gen, cond_ref). In `--mode kadiff` the uncond_ref row influences nothing
+(the ref latent is replaced from the inverted trajectory every step and only
+cond_ref's keys/values are read), and jobs with the same reference have
+identical ref rows; so by default jobs are packed into reference groups
+(`KADIFF_GROUPED`: k uncond_gen, k cond_gen, one cond_ref per group). MasaCtrl
+keeps both ref rows per group; `BASELINE` (the plain IP-Adapter image) needs
+only the gen rows. At step s the ref latent is the inverted trajectory's entry
+s, and the correspondence uses the reference's inversion features of step s-1
+and the cond_gen `up_blocks.0` output of this same pass at step s-1, carried
+as the denoiser's state (quirk Q3): no second pass. Thresholds and injection
+steps are traced, one per job, so changing them never recompiles.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import NamedTuple, Sequence
 
@@ -22,17 +26,27 @@ import numpy as np
 from kadiff_jax import image_io, sharding
 from kadiff_jax.job import Job
 from kadiff_jax.kadiff import correspondence as corr_lib
+from kadiff_jax.kadiff.grouping import GroupPlan, plan_groups
 from kadiff_jax.kadiff.injection import InjectionArgs, KVInjection, MutualSelfAttention
 from kadiff_jax.kadiff.options import KADiffOptions, kadiff_scheduler
 from kadiff_jax.kadiff.reference import PreparedReference, ip_scale
 from kadiff_jax.models import ip_adapter, unet
 from kadiff_jax.pipelines import conditioning
 from kadiff_jax.pipelines import text_to_image as t2i
-from kadiff_jax.sampling import KADIFF, RowLayout, sample
+from kadiff_jax.sampling import KADIFF, KADIFF_GROUPED, MASACTRL_GROUPED, RowLayout, sample
 from kadiff_jax.weights.sdxl import SDXLModels
 
 BASELINE = RowLayout(("uncond_gen", "cond_gen"), "cond_gen", "uncond_gen")
-LAYOUTS = {"kadiff": KADIFF, "masactrl": KADIFF, "baseline": BASELINE}
+_REF_ROLES = ("uncond_ref", "cond_ref")
+
+
+def layout_for(mode: str, row_layout: str = "grouped") -> RowLayout:
+  """The rows a mode runs (`row_layout` "per_job" is the release's 4 rows per job)."""
+  if mode == "baseline":
+    return BASELINE
+  if row_layout == "per_job":
+    return KADIFF
+  return KADIFF_GROUPED if mode == "kadiff" else MASACTRL_GROUPED
 
 
 def _empty_corr(b: int, r: int) -> corr_lib.Correspondence:
@@ -40,19 +54,19 @@ def _empty_corr(b: int, r: int) -> corr_lib.Correspondence:
   return corr_lib.Correspondence(jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), bool), jnp.full((b, n), jnp.inf))
 
 
-@functools.partial(jax.jit, static_argnames=("unet_config", "steps", "mode", "selector", "inject", "resolutions",
-                                             "dtype", "upcast", "record"))
+@functools.partial(jax.jit, static_argnames=("unet_config", "steps", "mode", "layout", "selector", "inject",
+                                             "resolutions", "dtype", "upcast", "record"))
 def kadiff_denoise(unet_params, noise, trajectory, ref_features, masks, cond, guidance, hook_args, thresholds,
-                   inject_steps, *, unet_config, steps, mode, selector, inject, resolutions, dtype, upcast,
+                   inject_steps, *, unet_config, steps, mode, layout, selector, inject, resolutions, dtype, upcast,
                    record=()):
   """Returns (final gen latents [B, h, w, C], aux); aux["x"] [S, B, h, w, C] with "trajectory" in `record`,
   aux["correspondence"] {r: Correspondence of [S, B, r*r]} with "correspondence" in `record`.
 
-  noise [B, h, w, C]; trajectory [B, S+1, h, w, C] and ref_features [B, S, hf, wf, Cf] in denoising
-  order; masks [B, M, M] bool; cond and hook_args["ip_adapter"] rows follow `LAYOUTS[mode]`;
-  thresholds [B] float; inject_steps [B, 2] int (first, last; inclusive).
+  Jobs come in G groups of `layout.group` (B = G * group): noise [B, h, w, C], masks [B, M, M] bool,
+  thresholds [B] float, inject_steps [B, 2] int (first, last; inclusive) per job; trajectory [G, S+1, h, w, C]
+  and ref_features [G, S, hf, wf, Cf] per group, in denoising order; cond and hook_args["ip_adapter"] rows
+  follow `layout`.
   """
-  layout = LAYOUTS[mode]
   scheduler = kadiff_scheduler()
   b = noise.shape[0]
   hooks = [ip_adapter.IPAdapterAttention(upcast=upcast)]
@@ -60,17 +74,16 @@ def kadiff_denoise(unet_params, noise, trajectory, ref_features, masks, cond, gu
     hooks.append(KVInjection(selector, inject, layout))
   elif mode == "masactrl":
     hooks.append(MutualSelfAttention(selector, layout))
+  per_job = lambda a: jnp.repeat(a, layout.group, axis=0)  # a per-group value for each of its jobs
 
   def denoiser(x, t, s, feat_prev):
     z_ref = trajectory[:, s]
-    if layout is KADIFF:
-      rows = layout.interleave({"uncond_gen": x, "uncond_ref": z_ref, "cond_gen": x, "cond_ref": z_ref})
-    else:
-      rows = layout.broadcast(x)
+    rows = layout.interleave({role: (z_ref if role in layout.shared else per_job(z_ref)) if role in _REF_ROLES
+                              else x for role in layout.roles})
     active = (s >= inject_steps[:, 0]) & (s <= inject_steps[:, 1]) & (s > 0)  # [B]; step 0 has no previous features
     corr = {}
     if mode == "kadiff":
-      f_ref = ref_features[:, jnp.maximum(s - 1, 0)]
+      f_ref = per_job(ref_features[:, jnp.maximum(s - 1, 0)])
       for r in resolutions:
         corr[r] = jax.lax.cond(jnp.any(active),
                                lambda: corr_lib.batched_correspondence(f_ref, feat_prev, masks, r, thresholds),
@@ -81,7 +94,7 @@ def kadiff_denoise(unet_params, noise, trajectory, ref_features, masks, cond, gu
     feat = layout.take(aux["up_blocks.0"], "cond_gen").astype(jnp.float32) if mode == "kadiff" else feat_prev
     return layout.guide(eps, guidance), feat, ({"correspondence": corr} if "correspondence" in record else {})
 
-  feat0 = jnp.zeros_like(ref_features[:, 0], jnp.float32)
+  feat0 = jnp.zeros((b,) + ref_features.shape[2:], jnp.float32)
   return sample(denoiser, scheduler, scheduler.set_timesteps(steps), noise, feat0,
                 trajectory="trajectory" in record)
 
@@ -96,30 +109,35 @@ class GenerationItem(NamedTuple):
 
 
 class Generated(NamedTuple):
-  latents: np.ndarray  # [B, h, w, C] final latents
-  images: np.ndarray   # [B, H, W, 3] uint8
-  aux: dict            # "trajectory": [S, B, h, w, C]; "correspondence": {r: Correspondence of [S, B, r*r]}
+  latents: np.ndarray  # [N, h, w, C] final latents of the items in `items`
+  images: np.ndarray   # [N, H, W, 3] uint8
+  aux: dict            # "trajectory": [S, N, h, w, C]; "correspondence": {r: Correspondence of [S, N, r*r]}
+  items: tuple[int, ...] = ()  # which items, in order: all of them, or (gather=False) those on this process
 
 
-def _conditioning(models: SDXLModels, adapter, items: Sequence[GenerationItem], options: KADiffOptions,
+def _conditioning(models: SDXLModels, adapter, slots: Sequence[GenerationItem], options: KADiffOptions,
                   layout: RowLayout):
-  """The layout's rows of embeddings and IP-Adapter tokens (spec 6.1): gen rows from the job's prompt, ref rows
-  from the prepared reference; uncond rows from the negative prompt; every row gets the reference's tokens."""
-  n = len(items)
-  gen = conditioning.encode_prompts(models, [it.job.prompt for it in items])
+  """The layout's rows of embeddings and IP-Adapter tokens (spec 6.1) for the job slots [G * group]: gen rows
+  from the job's prompt, ref rows from the prepared reference; uncond rows from the negative prompt; every row
+  gets the reference's tokens."""
+  n = len(slots)
+  gen = conditioning.encode_prompts(models, [it.job.prompt for it in slots])
   neg = conditioning.encode_prompts(models, [options.negative_prompt] * n)
-  ref_embeds = jnp.asarray(np.stack([it.reference.embeds for it in items]))
-  ref_pooled = jnp.asarray(np.stack([it.reference.pooled for it in items]))
-  tok_c = jnp.asarray(np.stack([it.reference.ip_tokens for it in items]))
-  tok_u = jnp.asarray(np.stack([it.reference.ip_uncond for it in items]))
+  ref_embeds = jnp.asarray(np.stack([it.reference.embeds for it in slots]))
+  ref_pooled = jnp.asarray(np.stack([it.reference.pooled for it in slots]))
+  tok_c = jnp.asarray(np.stack([it.reference.ip_tokens for it in slots]))
+  tok_u = jnp.asarray(np.stack([it.reference.ip_uncond for it in slots]))
   per_role = {"uncond_gen": (neg.embeds, neg.pooled, tok_u), "uncond_ref": (neg.embeds, neg.pooled, tok_u),
               "cond_gen": (gen.embeds, gen.pooled, tok_c), "cond_ref": (ref_embeds, ref_pooled, tok_c)}
-  pick = lambda k: layout.interleave({role: per_role[role][k] for role in layout.roles})
+  pick = lambda k: layout.assemble({role: per_role[role][k] for role in layout.roles})
   ids = conditioning.time_ids(options.size, options.size, n)
   cond = unet.UNetCond(pick(0), pick(1), layout.broadcast(ids))
-  scales = jnp.asarray([ip_scale(adapter, options) if it.job.ip_scale is None else it.job.ip_scale
-                        for it in items], jnp.float32)
-  return cond, ip_adapter.IPAdapterRows(pick(2), layout.broadcast(scales))
+  return cond, ip_adapter.IPAdapterRows(pick(2), layout.broadcast(_ip_scales(adapter, slots, options)))
+
+
+def _ip_scales(adapter, items: Sequence[GenerationItem], options: KADiffOptions) -> np.ndarray:
+  return np.asarray([ip_scale(adapter, options) if it.job.ip_scale is None else it.job.ip_scale for it in items],
+                    np.float32)
 
 
 def initial_latents(items: Sequence[GenerationItem], use_init: bool) -> np.ndarray:
@@ -135,45 +153,85 @@ def initial_latents(items: Sequence[GenerationItem], use_init: bool) -> np.ndarr
   return np.stack(out)
 
 
-def injection_resolutions(models: SDXLModels, options: KADiffOptions) -> tuple[int, ...]:
-  """Grid sides of the selected self-attention layers at this size (fails when none is selected)."""
-  latent = options.size // models.vae_scale_factor
-  sites = options.layer_selector().select(tuple(unet.attention_sites(models.unet_config).values()),
-                                          "inject_layers")
+def injection_resolutions(unet_config: unet.UNetConfig, latent: int, selector) -> tuple[int, ...]:
+  """Grid sides of the selected self-attention layers at this latent size (fails when none is selected)."""
+  sites = selector.select(tuple(unet.attention_sites(unet_config).values()), "inject_layers")
   return tuple(sorted({s.grid(latent)[0] for s in sites}))
 
 
+def plan_batch(adapter, items: Sequence[GenerationItem], options: KADiffOptions, mode: str, devices: int = 1) -> GroupPlan:
+  """How `run_jobs` packs the items into rows: jobs sharing a prepared reference and IP-Adapter scale share its
+  ref rows (grouped layouts)."""
+  keys = [(id(it.reference), float(s)) for it, s in zip(items, _ip_scales(adapter, items, options))]
+  return plan_groups(keys, layout_for(mode, options.row_layout), devices, options.group_size)
+
+
+def _local_rows(x: jax.Array, p: GroupPlan) -> tuple[list[int], list[np.ndarray]]:
+  """(item indices, rows) of x [slots, ...] held by this process's devices: each item once, no fillers."""
+  items, rows = [], []
+  for shard in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
+    start = shard.index[0].start or 0
+    data = np.asarray(shard.data)
+    for r in range(data.shape[0]):
+      s = start + r
+      if s < len(p.slots) and p.position[p.slots[s]] == s and p.slots[s] not in items:
+        items.append(p.slots[s])
+        rows.append(data[r])
+  return items, rows
+
+
 def run_jobs(models: SDXLModels, adapter, items: Sequence[GenerationItem], options: KADiffOptions,
-             mode: str | None = None, mesh=None, record: Sequence[str] = ()) -> Generated:
-  """Generates one batch of items (data-parallel over the mesh).
+             mode: str | None = None, mesh=None, record: Sequence[str] = (), *, plan: GroupPlan | None = None,
+             gather: bool = True) -> Generated:
+  """Generates one batch of items (data-parallel over the mesh, whole reference groups per device).
 
   `record` may hold "trajectory" (every step's latents) and "correspondence" (every step's matches).
+  `plan` (from `plan_batch`) fixes which devices compute which items, e.g. to keep a job's baseline on the devices
+  that made its KA-Diff image. With `gather=False` every process gets back only the items its own devices
+  computed (no copy of the batch crosses hosts) and `record` must be empty.
   """
   options = options.for_model(models)
   mode = mode or options.mode
-  layout = LAYOUTS[mode]
-  n = len(items)
-  cond, ip_rows = _conditioning(models, adapter, items, options, layout)
   mesh = mesh or sharding.data_mesh()
-  shard = lambda a: sharding.shard_jobs(a, mesh, n)
+  p = plan or plan_batch(adapter, items, options, mode, mesh.size)
+  p = p._replace(layout=layout_for(mode, options.row_layout).grouped(p.layout.group))
+  if record and not gather:
+    raise ValueError("record needs gather=True (it returns every item's steps)")
+  layout, g = p.layout, p.groups
+  slots = [items[i] for i in p.slots]
+  firsts = [items[i] for i in p.group_items()]
+  cond, ip_rows = _conditioning(models, adapter, slots, options, layout)
+  per_job = lambda a: sharding.shard_jobs(a, mesh, g, layout.group)  # whole groups per device
+  per_group = lambda a: sharding.shard_jobs(a, mesh, g)
+  per_row = lambda a: sharding.shard_jobs(a, mesh, g, layout.rows)
   lo, hi = options.step_range()
+  n = len(slots)
   z, aux = kadiff_denoise(
-      sharding.replicate(models.unet_params, mesh), shard(initial_latents(items, options.use_init_latents)),
-      shard(np.stack([it.reference.latents for it in items])), shard(np.stack([it.reference.features for it in items])),
-      shard(np.stack([it.mask for it in items])), sharding.shard_jobs(cond, mesh, n, layout.rows),
-      jnp.float32(options.guidance),
-      sharding.place_hook_inputs({"ip_adapter": ip_adapter.hook_inputs(adapter, *ip_rows)}, mesh, n, layout.rows),
-      shard(np.full((n,), options.threshold, np.float32)), shard(np.tile(np.int32([lo, hi]), (n, 1))),
-      unet_config=models.unet_config, steps=options.steps, mode=mode, selector=options.layer_selector(),
-      inject=options.inject, resolutions=injection_resolutions(models, options) if mode != "baseline" else (),
+      sharding.replicate(models.unet_params, mesh), per_job(initial_latents(slots, options.use_init_latents)),
+      per_group(np.stack([it.reference.latents for it in firsts])),
+      per_group(np.stack([it.reference.features for it in firsts])),
+      per_job(np.stack([it.mask for it in slots])), per_row(cond), jnp.float32(options.guidance),
+      sharding.place_hook_inputs({"ip_adapter": ip_adapter.hook_inputs(adapter, *ip_rows)}, mesh, g, layout.rows),
+      per_job(np.full((n,), options.threshold, np.float32)), per_job(np.tile(np.int32([lo, hi]), (n, 1))),
+      unet_config=models.unet_config, steps=options.steps, mode=mode, layout=layout,
+      selector=options.layer_selector(), inject=options.inject,
+      resolutions=injection_resolutions(models.unet_config, options.size // models.vae_scale_factor,
+                                        options.layer_selector()) if mode != "baseline" else (),
       dtype=jax.tree_util.tree_leaves(models.unet_params)[0].dtype, upcast=models.unet_config.upcast_attention,
       record=tuple(sorted(record)))
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
   images = t2i.decode(sharding.replicate(models.vae_params, mesh), z, config=models.vae_config, dtype=vae_dtype)
+  if not gather:
+    mine, z_rows = _local_rows(z, p)
+    _, im_rows = _local_rows(images, p)
+    stack = lambda rows, like: np.stack(rows) if rows else np.zeros((0,) + like.shape[1:], like.dtype)
+    return Generated(stack(z_rows, z), image_io.to_uint8(stack(im_rows, images)), {}, tuple(mine))
+  pos = np.asarray(p.position)  # each item's slot: back in the items' order
   out_aux = {}
   if "trajectory" in record:
-    out_aux["trajectory"] = sharding.to_host(aux["x"])[:, :n]
+    out_aux["trajectory"] = sharding.to_host(aux["x"])[:, pos]
   if "correspondence" in record:
-    out_aux["correspondence"] = {r: corr_lib.Correspondence(*(sharding.to_host(a)[:, :n] for a in c))
+    out_aux["correspondence"] = {r: corr_lib.Correspondence(*(sharding.to_host(a)[:, pos] for a in c))
                                  for r, c in aux["correspondence"].items()}
-  return Generated(sharding.to_host(z)[:n], image_io.to_uint8(sharding.to_host(images)[:n]), out_aux)
+  return Generated(sharding.to_host(z)[pos], image_io.to_uint8(sharding.to_host(images)[pos]), out_aux,
+                   tuple(range(len(items))))

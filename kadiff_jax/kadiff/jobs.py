@@ -2,8 +2,12 @@
 
 Each finished job leaves `{id}.png` (ours), `{id}_baseline.png` (plain
 IP-Adapter from the same noise, if asked) and `{id}_grid.png` (reference |
-baseline | ours), all written atomically; a rerun skips jobs whose outputs
-exist. Reference caches are keyed by reference content, ref_prompt and options.
+baseline | ours), each written whole, `{id}.png` last; a rerun skips jobs
+whose `{id}.png` exists. The output folder is a path or an fsspec URL. In a
+multi-process run every process writes the jobs its own devices computed
+(nothing is gathered to one host), so a rerun after a lost host redoes just
+the jobs it had not written. Reference caches are keyed by reference
+content, ref_prompt and options.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from kadiff_jax import image_io, sharding
 from kadiff_jax.job import Job, check_seed
-from kadiff_jax.outputs import inside
+from kadiff_jax.outputs import OutputDir
 from kadiff_jax.kadiff import concept_mask
 from kadiff_jax.kadiff import generate as G
 from kadiff_jax.kadiff import reference as R
@@ -30,6 +35,7 @@ from kadiff_jax.kadiff.options import DEFAULT_PROMPT, KADiffOptions
 from kadiff_jax.pipelines.text_to_image import initial_noise, place_params
 
 log = logging.getLogger("kadiff_jax")
+DEFAULT_JOBS_PER_DEVICE = 8  # jobs per batch and device when no batch size is given (room for a reference group)
 _FIELDS = ("id", "prompt", "reference", "mask", "ref_prompt", "seed")
 AUTO_MASK = "auto"  # a job's mask field: derive the mask from the reference's cross-attention
 
@@ -107,7 +113,7 @@ def _grid(images: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: str | Path, *,
-        cache_dir: str | Path | None = None, baseline: bool = True, batch_size: int | None = None,
+        cache_dir: str | Path | None = None, baseline: bool = False, batch_size: int | None = None,
         init_latents: np.ndarray | None = None, mesh=None, progress: bool = True,
         references: dict[tuple[str, str], R.PreparedReference] | None = None) -> dict[str, dict]:
   """Runs the jobs that have no output yet; returns {id: {"mask": where its mask came from}} for those.
@@ -117,16 +123,17 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
   prepared ones by (path, ref_prompt), e.g. from `kadiff invert` outputs.
   """
   options = options.for_model(models)
-  out_dir = Path(out_dir)
+  out = OutputDir(out_dir)
   cache_dir = Path(cache_dir) if cache_dir else None
-  todo = [(i, j) for i, j in enumerate(jobs) if not inside(out_dir, f"{j.id}.png").is_file()]
+  todo = [(i, j) for i, j in enumerate(jobs) if not out.exists(f"{j.id}.png")]
+  sharding.barrier("kadiff-jobs-todo")  # every process saw the same finished jobs before any writes more
   if len(todo) < len(jobs):
     log.info("resuming: %d of %d jobs already done", len(jobs) - len(todo), len(jobs))
   # group by reference so each is prepared once and batches share it as often as possible
   todo.sort(key=lambda ij: (ij[1].reference, ij[1].ref_prompt))
   auto = any(j.mask == AUTO_MASK for _, j in todo)
-  bs = batch_size or 1
   mesh = mesh or sharding.data_mesh()
+  bs = batch_size or DEFAULT_JOBS_PER_DEVICE * mesh.size
   placed, placed_adapter = place_params(models, adapter, mesh)
   prepared: dict[tuple[str, str], R.PreparedReference] = dict(references or {})
   done: dict[str, dict] = {}
@@ -142,28 +149,35 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
     items = [G.GenerationItem(j, prepared[k], m, init_latents[i] if init_latents is not None
                               else job_noise(j, models, options))
              for (i, j), k, (m, _) in zip(chunk, keys, mask_info)]
-    ours = G.run_jobs(placed, placed_adapter, items, options, mesh=mesh).images
-    base = G.run_jobs(placed, placed_adapter, items, options, mode="baseline", mesh=mesh).images \
-        if baseline and options.mode != "baseline" else None
+    # the baseline follows ours' plan, so each job's images are made (and written) by the same process
+    plan = G.plan_batch(placed_adapter, items, options, options.mode, mesh.size)
+    ours = G.run_jobs(placed, placed_adapter, items, options, mesh=mesh, plan=plan, gather=False)
+    base = G.run_jobs(placed, placed_adapter, items, options, mode="baseline", mesh=mesh, plan=plan,
+                      gather=False) if baseline and options.mode != "baseline" else None
     later = {(j.reference, j.ref_prompt) for _, j in todo[start + bs:]}
     for k in [k for k in prepared if k not in later and references is None]:
       del prepared[k]  # sorted by reference: no later batch needs it
-    for k, (_, j) in enumerate(chunk if sharding.is_writer() else ()):
+    for row, k in enumerate(ours.items):  # the jobs this process's devices computed
+      j = chunk[k][1]
       meta = {"prompt": j.prompt, "reference": j.reference, "ref_prompt": j.ref_prompt, "mask": j.mask or "",
               "mask_source": json.dumps(mask_info[k][1]),
               "seed": str(j.seed), "kadiff": {"model": str(models.source), "ip_adapter": adapter.source,
                                               **dataclasses.asdict(options)}}
       ref_small = np.asarray(items[k].reference.image.resize((options.size, options.size)))
+      png = lambda name, image, extra={}: out.write_bytes(name, image_io.png_bytes(image, {**meta, **extra}))
       if j.mask == AUTO_MASK:
-        image_io.write_png(inside(out_dir, f"{j.id}_mask.png"), np.repeat(items[k].mask[..., None] * np.uint8(255), 3, -1),
-                           meta)
+        png(f"{j.id}_mask.png", np.repeat(items[k].mask[..., None] * np.uint8(255), 3, -1))
+      ours_im = ours.images[row]
+      base_im = base.images[base.items.index(k)] if base is not None else None
       if base is not None:
-        image_io.write_png(inside(out_dir, f"{j.id}_baseline.png"), base[k], {**meta, "mode": "baseline"})
-      image_io.write_png(inside(out_dir, f"{j.id}_grid.png"), _grid([ref_small] + ([base[k]] if base is not None else [])
-                                                               + [ours[k]]), meta)
-      image_io.write_png(inside(out_dir, f"{j.id}.png"), ours[k], {**meta, "mode": options.mode})  # last: marks done
+        png(f"{j.id}_baseline.png", base_im, {"mode": "baseline"})
+      png(f"{j.id}_grid.png", _grid([ref_small] + ([base_im] if base is not None else []) + [ours_im]))
+      png(f"{j.id}.png", ours_im, {"mode": options.mode})  # last: marks done
     done.update((j.id, {"mask": info}) for (_, j), (_, info) in zip(chunk, mask_info))
+    if jax.process_count() > 1 and ours.items:
+      log.info("process %d wrote %s", jax.process_index(), ",".join(chunk[k][1].id for k in ours.items))
     bar.update(len(chunk))
     bar.set_postfix(img_per_s=f"{len(done) / (time.perf_counter() - t0):.2f}")
   bar.close()
+  sharding.barrier("kadiff-jobs-written")  # every process's files are there before anyone reports or records
   return done

@@ -17,6 +17,7 @@ from kadiff_jax.schedulers import DDIM, SchedulerConfig
 DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 DEFAULT_PROMPT = "best quality, high quality"
 MODES = ("kadiff", "masactrl", "baseline")
+ROW_LAYOUTS = ("grouped", "per_job")
 # The release's layers 44-70 (spec 6.2) exist in UNets numbered like SDXL's: the last 21 transformer blocks of
 # up_blocks[0] and all of up_blocks[1]. Other UNets inject into every up-block self-attention layer.
 SDXL_INJECT_LAYERS = "44-70"
@@ -44,6 +45,13 @@ def parse_mask_threshold(value: str) -> str | float:
     return float(value)
   except ValueError:
     raise ValueError(f"expected 'otsu' or a number in [0, 1], got {value!r}") from None
+
+
+def default_inject_layers(unet_config) -> str:
+  """The release's layers 44-70 where the UNet is numbered like SDXL's, every up-block self-attention otherwise."""
+  from kadiff_jax.models import unet
+  numbering = lambda cfg: {p: (s.kind, s.index) for p, s in unet.attention_sites(cfg).items()}
+  return SDXL_INJECT_LAYERS if numbering(unet_config) == numbering(unet.sdxl_base()) else OTHER_INJECT_LAYERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +82,15 @@ class KADiffOptions:
                                               "content words", parse=csv_tuple)
   mask_threshold: str | float = option("otsu", "mask auto: 'otsu' or a fraction in [0, 1]",
                                        parse=parse_mask_threshold)
+  row_layout: str = option("grouped", "UNet rows of generation: grouped (jobs with the same reference share its "
+                           "one cond row; no uncond ref row in kadiff mode) or per_job (the release's 4 rows per "
+                           "job); the same images up to float rounding", choices=ROW_LAYOUTS)
+  group_size: int | None = option(None, "grouped rows: most jobs per reference group; default: the size with the "
+                                  "fewest UNet rows for each batch")
 
   def __post_init__(self):
     checks = (("inversion_uncond", ("reference", "negative_prompt")), ("mask_padding", ("foreground", "background")),
-              ("mode", MODES))
+              ("mode", MODES), ("row_layout", ROW_LAYOUTS))
     for name, allowed in checks:
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -88,6 +101,8 @@ class KADiffOptions:
       raise ValueError(f"mask_threshold={self.mask_threshold!r}: expected 'otsu' or a number in [0, 1]")
     if self.size is not None and (self.size <= 0 or self.size % 8):
       raise ValueError(f"size={self.size}: expected a positive multiple of 8")
+    if self.group_size is not None and self.group_size < 1:
+      raise ValueError(f"group_size={self.group_size}: expected at least 1")
     if self.steps < 2:
       raise ValueError(f"steps={self.steps}: expected at least 2")
     if self.inject_layers is not None:
@@ -104,11 +119,7 @@ class KADiffOptions:
     unit = models.vae_scale_factor * 2 ** (len(models.unet_config.block_out_channels) - 1)
     if size % unit:
       raise ValueError(f"size={size}: this model needs a multiple of {unit} (square feature maps at every level)")
-    layers = self.inject_layers
-    if layers is None:
-      numbering = lambda cfg: {p: (s.kind, s.index) for p, s in unet.attention_sites(cfg).items()}
-      sdxl_numbered = numbering(models.unet_config) == numbering(unet.sdxl_base())
-      layers = SDXL_INJECT_LAYERS if sdxl_numbered else OTHER_INJECT_LAYERS
+    layers = self.inject_layers or default_inject_layers(models.unet_config)
     parse_layers(layers).select(tuple(unet.attention_sites(models.unet_config).values()), "inject_layers")
     return dataclasses.replace(self, size=size, inject_layers=layers, inject_steps=self.step_range())
 

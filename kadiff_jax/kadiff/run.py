@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kadiff_jax.job import check_seed
-from kadiff_jax.outputs import check_id, inside
+from kadiff_jax.outputs import OutputDir, check_id
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +93,9 @@ def ref_prompt_for(entry) -> tuple[str, str]:
   return f"a photo of {entry.title.strip()}", "title"
 
 
-def _write_json(path: Path, record: dict) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(json.dumps(record, indent=1, default=str))
-  os.replace(tmp, path)
-
-
 def run(models, adapter, retriever, queries: Sequence[Query], options, out_dir: str | os.PathLike, *,
         k: int = 5, min_score: float = 0.2, on_no_match: str = "skip", cache_dir: str | Path | None = None,
-        baseline: bool = True, batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+        baseline: bool = False, batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
   """Retrieves, generates and records every query; returns counts. Finished queries are skipped."""
   from kadiff_jax import sharding
   from kadiff_jax.job import Job
@@ -109,8 +103,7 @@ def run(models, adapter, retriever, queries: Sequence[Query], options, out_dir: 
 
   if on_no_match not in ("skip", "top1"):
     raise ValueError(f"on_no_match = {on_no_match!r}; expected 'skip' or 'top1'")
-  out_dir = Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out = OutputDir(out_dir)
   records: dict[str, dict] = {}
   jobs = []
   for q in queries:
@@ -144,11 +137,11 @@ def run(models, adapter, retriever, queries: Sequence[Query], options, out_dir: 
       if rec["status"] == "done":
         if q.id in done:
           rec["mask"] = done[q.id]["mask"]
-        elif inside(out_dir, f"{q.id}.json").is_file():  # resumed: keep what the finished run recorded
-          rec["mask"] = json.loads(inside(out_dir, f"{q.id}.json").read_text()).get("mask", rec["mask"])
+        elif out.exists(f"{q.id}.json"):  # resumed: keep what the finished run recorded
+          rec["mask"] = json.loads(out.read_text(f"{q.id}.json")).get("mask", rec["mask"])
         if rec["mask"]["source"] == "auto":
           rec["outputs"]["mask"] = f"{q.id}_mask.png"
         rec.update(options=resolved, model=str(models.source), ip_adapter=str(adapter.source))
-      _write_json(inside(out_dir, f"{q.id}.json"), rec)
+      out.write_text(f"{q.id}.json", json.dumps(rec, indent=1, default=str))
   return {"queries": len(queries), "generated": len(done), "already_done": len(jobs) - len(done),
           "no_match": sum(r["status"] == "no_match" for r in records.values())}

@@ -79,7 +79,8 @@ def add_parsers(sub) -> None:
   k.add_argument("--ref-prompt", default=None, help="text describing the reference")
   k.add_argument("--reference-cache", default=None, help="a `kadiff invert` output to use as the reference")
   k.add_argument("--jobs", default=None, help="JSONL or TSV of jobs: id, prompt, reference, mask, ref_prompt, seed")
-  k.add_argument("--no-baseline", action="store_true", help="skip the IP-Adapter baseline image")
+  k.add_argument("--baseline", action="store_true", help="also write the plain IP-Adapter image from the same "
+                 "noise (ID_baseline.png, and in the grid); costs a second pass")
   cli_args.leaf(g, ("generate",), _generate)
 
   t = sub.add_parser("make-tiny-model", help="write a tiny random SDXL pipeline in diffusers format")

@@ -21,7 +21,7 @@ from kadiff_jax import image_io, schedulers, sharding
 from kadiff_jax.config import option
 from kadiff_jax.models import ip_adapter, unet, vae
 from kadiff_jax.job import Job
-from kadiff_jax.outputs import inside
+from kadiff_jax.outputs import OutputDir
 from kadiff_jax.pipelines import conditioning
 from kadiff_jax.sampling import CFG, NO_CFG, RowLayout, sample
 from kadiff_jax.weights.sdxl import SDXLModels
@@ -202,7 +202,7 @@ def generate(models: SDXLModels, jobs: Sequence[Job], options: GenerationOptions
                                                             else j.ip_scale)} if adapter and j.reference else {}),
                 "kadiff": {"model": str(models.source), **dataclasses.asdict(options),
                                                   "height": h, "width": w, **(extra_metadata or {})}}
-        image_io.write_png(inside(out_dir, f"{j.id}.png"), img, meta)
+        OutputDir(out_dir).write_bytes(f"{j.id}.png", image_io.png_bytes(img, meta))
     all_latents.append(latents)
     all_images.append(images)
     bar.update(len(chunk))

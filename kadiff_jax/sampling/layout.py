@@ -1,9 +1,13 @@
 """How jobs expand into UNet rows, and how the rows' outputs combine into one prediction per job.
 
-Every job occupies `rows` consecutive UNet rows, one per role, so a batch of
-B jobs is a [B * rows, ...] UNet batch and a data-parallel shard holding
-whole jobs holds a multiple of `rows` rows. Classifier-free guidance reads the
-`uncond` and `cond` roles (Ho & Salimans 2022, eq. 6 in the eps form):
+Jobs come in groups of `group` jobs; a group occupies `rows` consecutive
+UNet rows, role by role: a role occupies one row per job of the group, or,
+when it is `shared`, one row for the whole group (e.g. the reference rows of
+jobs that share a reference). A batch of G groups is a [G * rows, ...] UNet
+batch, so a data-parallel shard holding whole groups holds a multiple of
+`rows` rows. With group=1 and nothing shared every job has one row per role.
+Classifier-free guidance reads the `uncond` and `cond` roles (Ho & Salimans
+2022, eq. 6 in the eps form):
 
     eps = eps[uncond] + guidance * (eps[cond] - eps[uncond])
 
@@ -21,56 +25,99 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class RowLayout:
-  roles: tuple[str, ...]    # per job, in row order
-  cond: str                 # the role whose prediction is kept (guided when `uncond` is set)
+  roles: tuple[str, ...]     # in row order within a group
+  cond: str                  # the role whose prediction is kept (guided when `uncond` is set)
   uncond: str | None = None
+  shared: tuple[str, ...] = ()  # roles with one row per group instead of one per job
+  group: int = 1             # jobs per group
 
   def __post_init__(self):
-    for r in (self.cond, self.uncond):
+    for r in (self.cond, self.uncond, *self.shared):
       if r is not None and r not in self.roles:
         raise ValueError(f"role {r!r} is not one of this layout's roles {self.roles}")
+    if self.cond in self.shared or self.uncond in self.shared:
+      raise ValueError(f"the guided roles ({self.cond!r}, {self.uncond!r}) need one row per job, not shared")
+    if self.group < 1:
+      raise ValueError(f"group={self.group}: expected at least 1 job per group")
+
+  def grouped(self, k: int) -> "RowLayout":
+    """This layout with k jobs per group."""
+    return dataclasses.replace(self, group=k)
+
+  def count(self, role: str) -> int:
+    """Rows of `role` per group."""
+    self._check(role)
+    return 1 if role in self.shared else self.group
 
   @property
   def rows(self) -> int:
-    """UNet rows per job: the multiple a device shard must hold."""
-    return len(self.roles)
+    """UNet rows per group: the multiple a device shard must hold."""
+    return sum(self.count(r) for r in self.roles)
 
-  def index(self, role: str) -> int:
+  def span(self, role: str) -> slice:
+    """Where `role`'s rows sit within a group's rows."""
+    self._check(role)
+    start = sum(self.count(r) for r in self.roles[:self.roles.index(role)])
+    return slice(start, start + self.count(role))
+
+  def _check(self, role: str) -> None:
     if role not in self.roles:
       raise ValueError(f"role {role!r} is not one of this layout's roles {self.roles}")
-    return self.roles.index(role)
 
   def interleave(self, per_role: Mapping[str, jax.Array]) -> jax.Array:
-    """{role: [B, ...]} -> [B * rows, ...], job-major (job 0's roles first)."""
+    """{role: [G * count(role), ...]} -> [G * rows, ...], group-major (group 0's rows first)."""
     missing = [r for r in self.roles if r not in per_role]
     if missing:
       raise ValueError(f"no rows given for roles {missing} of layout {self.roles}")
-    stacked = jnp.stack([jnp.asarray(per_role[r]) for r in self.roles], axis=1)  # [B, rows, ...]
+    parts = []
+    for r in self.roles:
+      a = jnp.asarray(per_role[r])
+      parts.append(a.reshape((-1, self.count(r)) + a.shape[1:]))  # [G, count, ...]
+    stacked = jnp.concatenate(parts, axis=1)
     return stacked.reshape((-1,) + stacked.shape[2:])
 
+  def per_group(self, x: jax.Array) -> jax.Array:
+    """A per-job value [G * group, ...] as the value of each group's first job [G, ...] (for shared rows, whose
+    jobs agree on it)."""
+    x = jnp.asarray(x)
+    return x.reshape((-1, self.group) + x.shape[1:])[:, 0]
+
+  def assemble(self, per_role: Mapping[str, jax.Array]) -> jax.Array:
+    """{role: per-job value [G * group, ...]} -> [G * rows, ...]; a shared role's row takes its group's first job's
+    value (the group's jobs agree on it)."""
+    return self.interleave({r: self.per_group(v) if r in self.shared else v for r, v in per_role.items()})
+
   def broadcast(self, x: jax.Array) -> jax.Array:
-    """The same [B, ...] value in every role's row: [B * rows, ...]."""
-    return jnp.repeat(x, self.rows, axis=0)
+    """The same per-job value [G * group, ...] in every role's rows: [G * rows, ...]."""
+    return self.assemble({r: x for r in self.roles})
 
   def split(self, rows: jax.Array) -> jax.Array:
-    """[B * rows, ...] -> [B, rows, ...]."""
+    """[G * rows, ...] -> [G, rows, ...]."""
     return rows.reshape((-1, self.rows) + rows.shape[1:])
 
   def take(self, rows: jax.Array, role: str) -> jax.Array:
-    """One role's rows: [B * rows, ...] -> [B, ...]."""
-    return self.split(rows)[:, self.index(role)]
+    """One role's rows: [G * rows, ...] -> [G * count(role), ...]."""
+    picked = self.split(rows)[:, self.span(role)]
+    return picked.reshape((-1,) + picked.shape[2:])
 
   def guide(self, eps: jax.Array, guidance) -> jax.Array:
-    """The per-job prediction [B, ...] from the rows' predictions [B * rows, ...]."""
-    per_job = self.split(eps.astype(jnp.float32))
-    cond = per_job[:, self.index(self.cond)]
+    """The per-job prediction [G * group, ...] from the rows' predictions [G * rows, ...]."""
+    eps = eps.astype(jnp.float32)
+    cond = self.take(eps, self.cond)
     if self.uncond is None:
       return cond
-    uncond = per_job[:, self.index(self.uncond)]
+    uncond = self.take(eps, self.uncond)
     return uncond + guidance * (cond - uncond)
 
 
 NO_CFG = RowLayout(("cond",), "cond")
 CFG = RowLayout(("uncond", "cond"), "cond", "uncond")
-# KA-Diff (spec 6.1): the generated image and the replayed reference, each with its CFG pair
+# KA-Diff as the release runs it (spec 6.1): per job, the generated image and the replayed reference, each with its
+# CFG pair.
 KADIFF = RowLayout(("uncond_gen", "uncond_ref", "cond_gen", "cond_ref"), "cond_gen", "uncond_gen")
+# KA-Diff grouped by reference: the uncond_ref row influences nothing (only cond_ref's keys/values are read and
+# the ref latent comes from the trajectory), and jobs sharing a reference share its cond_ref row. `.grouped(k)`.
+KADIFF_GROUPED = RowLayout(("uncond_gen", "cond_gen", "cond_ref"), "cond_gen", "uncond_gen", shared=("cond_ref",))
+# MasaCtrl-style mutual self-attention reads both ref rows (uncond_gen <- uncond_ref, cond_gen <- cond_ref).
+MASACTRL_GROUPED = RowLayout(("uncond_gen", "cond_gen", "uncond_ref", "cond_ref"), "cond_gen", "uncond_gen",
+                             shared=("uncond_ref", "cond_ref"))
