@@ -7,6 +7,7 @@ devices under `jax.distributed`); params are replicated. Models never see it.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,33 @@ class DistributedOptions:
   @property
   def enabled(self) -> bool:
     return bool(self.coordinator or self.num_processes)
+
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def attention_implementation(dtype) -> str:
+  """Which `jax.nn.dot_product_attention` the UNet's attention uses: cuDNN's fused kernel on GPUs for 16-bit
+  dtypes, XLA's otherwise. `KADIFF_ATTENTION=xla|cudnn` overrides (read when a program is traced). Layers the
+  kernel cannot take (fp32, upcast, head dims over 128 or not a multiple of 8) use XLA's whatever this says."""
+  forced = os.environ.get("KADIFF_ATTENTION")
+  if forced:
+    if forced not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"KADIFF_ATTENTION={forced!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    return forced
+  sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else "xla"
+
+
+def device_memory() -> int | None:
+  """Bytes one device can hold: its allocator's limit (GPU, TPU), else the host's RAM (CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
 
 
 def data_mesh(devices=None) -> Mesh:

@@ -27,7 +27,7 @@ def test_text_encoder_matches_transformers(tmp_path, proj, eos):
   cfg = dataclasses.replace(clip_text.tiny(proj), eos_token_id=eos)
   tm = _hf(cfg, proj)
   tm.save_pretrained(tmp_path)  # transformers 5 naming: CLIPTextModel without the text_model. prefix
-  params = load.load_component(tmp_path, load.CLIP_TEXT, clip_text.init_shapes(cfg), use_cache=False)
+  params = load.load_component(tmp_path, load.CLIP_TEXT, lambda: clip_text.init_shapes(cfg), cfg, use_cache=False)
   rng = np.random.default_rng(0)
   ids = rng.integers(1, 990, (2, 77)).astype(np.int64)
   ids[:, 0] = 998
@@ -53,7 +53,8 @@ def test_prefixed_names_of_real_sdxl_repos_load(tiny_dir):
   assert all(k.startswith("text_model.") for k in state)
   tm = CLIPTextModel.from_pretrained(tiny_dir / "text_encoder").eval()
   cfg = clip_text.CLIPTextConfig.from_transformers(tm.config.to_dict(), with_projection=False)
-  params = load.load_component(tiny_dir / "text_encoder", load.CLIP_TEXT, clip_text.init_shapes(cfg), use_cache=False)
+  params = load.load_component(tiny_dir / "text_encoder", load.CLIP_TEXT, lambda: clip_text.init_shapes(cfg), cfg,
+                               use_cache=False)
   ids = np.arange(77)[None] % 990
   with torch.no_grad():
     ref = tm(torch.tensor(ids), output_hidden_states=True).hidden_states[-2].numpy()

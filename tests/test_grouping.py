@@ -236,3 +236,41 @@ def test_grouped_sharded_over_4_cpu_devices_equals_per_job_on_one(tmp_path, tiny
   assert max_rel_err(r["four"], r["one"]) < 1e-5
   assert np.abs(r["four_img"].astype(int) - r["one_img"].astype(int)).max() <= 1
   assert max_rel_err(r["four3"], r["one3"]) < 1e-5  # with a whole dummy group on the fourth device
+
+
+@pytest.mark.slow
+def test_groups_per_device_come_from_the_compiled_programs_memory(tiny_models):
+  """The automatic batch: peak memory of the injection pass (shapes only) fitted per group, 90% of the device."""
+  from kadiff_jax.kadiff import generate as G
+  cfg, layout = tiny_models.unet_config, KADIFF_GROUPED.grouped(2)
+  import jax
+  params = tiny_models.unet_params
+  shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+
+  def peak(groups):
+    args, static = G.abstract_inputs(cfg, layout, groups, 8, 4, 16, np.float32)
+    return G.peak_bytes(G.kadiff_denoise.lower(shapes, *args, **static).compile())
+
+  p1, p3 = peak(1), peak(3)
+  assert p3 > p1 > 0
+  fits = lambda memory: G.groups_per_device(params, cfg, layout, 8, 4, 16, memory)
+  assert fits(p1 / 0.9) == 1
+  assert fits(1.05 * p3 / 0.9) >= 3
+  assert fits(100 * p3) > fits(1.05 * p3 / 0.9)  # more memory, more groups
+
+
+@pytest.mark.slow
+def test_benchmark_accounts_both_layouts_from_xla_cost_analysis(capsys):
+  """`kadiff benchmark pipeline --config tiny --abstract`: XLA's FLOPs per image follow the rows per image."""
+  import json
+  from kadiff_jax import cli
+  assert cli.main(["benchmark", "pipeline", "--config", "tiny", "--abstract", "--steps", "3",
+                   "--group-sizes", "1,3"]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["abstract"] and out["row_evaluation_gflop"] > 0
+  for k, rows in (("k1", (4, 3)), ("k3", (12, 7))):
+    e = out["layouts"][k]
+    assert (e["per_job"]["rows_per_step"], e["grouped"]["rows_per_step"]) == rows
+    assert abs(e["flops_ratio"] / e["row_ratio"] - 1) < 0.02, e  # FLOPs are the rows' (correspondence is small)
+    assert "images_per_s" not in e["grouped"]  # nothing ran
+  assert out["memory"]["groups_per_device"] >= 1

@@ -59,7 +59,7 @@ def test_clip_vision_matches_transformers(tmp_path, act):
   torch.manual_seed(0)
   tm = CLIPVisionModelWithProjection(HFVisionConfig(**d)).eval()
   tm.save_pretrained(tmp_path)
-  params = load.load_component(tmp_path, CLIP_VISION, clip_vision.init_shapes(cfg), use_cache=False)
+  params = load.load_component(tmp_path, CLIP_VISION, lambda: clip_vision.init_shapes(cfg), cfg, use_cache=False)
   px = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
   with torch.no_grad():
     ref = tm(torch.tensor(px), output_hidden_states=True)

@@ -80,7 +80,7 @@ def test_unet_loads_diffusers_written_checkpoint(tmp_path):
   tm = UNet2DConditionModel(**d).eval()
   tm.save_pretrained(tmp_path)  # the real writer, real file names
   from kadiff_jax.weights import load
-  params = load.load_component(tmp_path, load.UNET, unet.init_shapes(cfg), use_cache=False)
+  params = load.load_component(tmp_path, load.UNET, lambda: unet.init_shapes(cfg), cfg, use_cache=False)
   x, ehs, te, tid = _inputs(cfg)
   with torch.no_grad():
     ref = tm(torch.tensor(x), 10, torch.tensor(ehs),
@@ -186,3 +186,25 @@ def test_bf16_runs_close_to_fp32():
   out, _ = unet.apply(p16, *args, config=cfg, dtype=jnp.bfloat16)
   assert out.dtype == jnp.bfloat16
   assert max_rel_err(np.asarray(out, np.float32), ref) < 0.1
+
+
+def test_attention_implementation_is_decided_in_one_place_and_falls_back_where_cudnn_cannot_run(monkeypatch):
+  from kadiff_jax import sharding
+  from kadiff_jax.models.attention import dot_product_attention
+  monkeypatch.delenv("KADIFF_ATTENTION", raising=False)
+  want = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  assert sharding.attention_implementation(jnp.bfloat16) == want
+  assert sharding.attention_implementation(jnp.float32) == "xla"
+  monkeypatch.setenv("KADIFF_ATTENTION", "cudnn")
+  assert sharding.attention_implementation(jnp.float32) == "cudnn"
+  monkeypatch.setenv("KADIFF_ATTENTION", "flash")
+  with pytest.raises(ValueError, match="KADIFF_ATTENTION='flash': expected one of"):
+    sharding.attention_implementation(jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 12)), jnp.float32) for _ in range(3))
+  xla = dot_product_attention(q, k, v, implementation="xla")
+  # fp32 and a head dim of 12 are not cuDNN's: asked for it, the layer still runs (XLA's kernel), same numbers
+  np.testing.assert_array_equal(np.asarray(dot_product_attention(q, k, v, implementation="cudnn")), np.asarray(xla))
+  if jax.default_backend() != "gpu":
+    with pytest.raises(Exception):  # the fallback is what made the line above run: jax itself refuses here
+      jax.nn.dot_product_attention(q, k, v, implementation="cudnn")

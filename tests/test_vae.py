@@ -66,7 +66,7 @@ def test_vae_legacy_attention_names_load(tmp_path):
         break
     legacy[k] = v
   load.save_component(tmp_path, legacy, cfg.to_diffusers())
-  got = load.load_component(tmp_path, load.VAE, vae.init_shapes(cfg), use_cache=False)
+  got = load.load_component(tmp_path, load.VAE, lambda: vae.init_shapes(cfg), cfg, use_cache=False)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

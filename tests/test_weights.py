@@ -1,4 +1,4 @@
-"""Loading: strict key reports, sharded/variant/bf16/.bin files, the orbax cache, bad folders."""
+"""Loading: strict key reports, sharded/variant/bf16/.bin files, the params cache, bad folders."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import logging
 import shutil
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -66,7 +68,7 @@ def test_sharded_variant_bf16_and_bin(tmp_path, state):
     save_file({k: state[k].astype(np.float16) for k in ks}, str(d / name))
   (d / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(json.dumps(
       {"weight_map": {k: n for n, ks in shards.items() for k in ks}}))
-  got = load.load_component(d, load.UNET, unet.init_shapes(CFG), variant="fp16", use_cache=False)
+  got = load.load_component(d, load.UNET, lambda: unet.init_shapes(CFG), CFG, variant="fp16", use_cache=False)
   _same(got, {k: v for k, v in convert.torch_to_params(
       {k: v.astype(np.float16).astype(np.float32) for k, v in state.items()}, unet.init_shapes(CFG),
       component="unet").items()})
@@ -85,25 +87,37 @@ def test_sharded_variant_bf16_and_bin(tmp_path, state):
   d3 = tmp_path / "bin"
   d3.mkdir()
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, d3 / "diffusion_pytorch_model.bin")
-  _same(load.load_component(d3, load.UNET, unet.init_shapes(CFG), use_cache=False), want)
+  _same(load.load_component(d3, load.UNET, lambda: unet.init_shapes(CFG), CFG, use_cache=False), want)
 
 
-def test_orbax_cache_second_load_and_log(tmp_path, state, caplog):
+def test_params_cache_second_load_and_log(tmp_path, state, caplog):
   d = tmp_path / "unet"
   load.save_component(d, state, CFG.to_diffusers())
   with caplog.at_level(logging.INFO, logger="kadiff_jax"):
-    first = load.load_component(d, load.UNET, unet.init_shapes(CFG), cache_dir=tmp_path / "c")
-    second = load.load_component(d, load.UNET, unet.init_shapes(CFG), cache_dir=tmp_path / "c")
+    first = load.load_component(d, load.UNET, lambda: unet.init_shapes(CFG), CFG, cache_dir=tmp_path / "c")
+    second = load.load_component(d, load.UNET, lambda: unet.init_shapes(CFG), CFG, cache_dir=tmp_path / "c")
   text = caplog.text
-  assert "converted" in text and "restored converted params from orbax cache" in text
+  assert "converted" in text and "read converted params from the cache" in text
   _same(first, second)
+  # bf16 params round-trip through the cache bit for bit; a damaged cache file is converted again
+  bf = [load.load_component(d, load.UNET, lambda: unet.init_shapes(CFG), CFG, dtype=jnp.bfloat16,
+                            cache_dir=tmp_path / "b")
+        for _ in range(2)]
+  assert jax.tree_util.tree_leaves(bf[1])[0].dtype == jnp.bfloat16
+  _same(bf[0], bf[1])
+  for f in (tmp_path / "c" / "params").glob("*.safetensors"):
+    f.write_bytes(f.read_bytes()[:100])
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="kadiff_jax"):
+    _same(load.load_component(d, load.UNET, lambda: unet.init_shapes(CFG), CFG, cache_dir=tmp_path / "c"), first)
+  assert "unreadable" in caplog.text and "converted" in caplog.text
   # a changed checkpoint is converted again, never served stale from the cache
   caplog.clear()
   state2 = dict(state)
   state2["conv_in.bias"] = state["conv_in.bias"] + 1
   load.save_component(d, state2, CFG.to_diffusers())
   with caplog.at_level(logging.INFO, logger="kadiff_jax"):
-    third = load.load_component(d, load.UNET, unet.init_shapes(CFG), cache_dir=tmp_path / "c")
+    third = load.load_component(d, load.UNET, lambda: unet.init_shapes(CFG), CFG, cache_dir=tmp_path / "c")
   assert "converted" in caplog.text
   np.testing.assert_allclose(np.asarray(third["conv_in"]["bias"]), state["conv_in.bias"] + 1)
 

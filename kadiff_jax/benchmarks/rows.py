@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kadiff_jax import sharding
 from kadiff_jax.kadiff import generate as G
-from kadiff_jax.kadiff.options import default_inject_layers, kadiff_scheduler
+from kadiff_jax.kadiff.options import kadiff_scheduler
 from kadiff_jax.models import ip_adapter, unet
-from kadiff_jax.models.attention import HookInputs, parse_layers
+from kadiff_jax.models.attention import HookInputs
 from kadiff_jax.pipelines import text_to_image as t2i
 from kadiff_jax.sampling import CFG, KADIFF, KADIFF_GROUPED, RowLayout
 
@@ -70,32 +71,18 @@ def _hook_inputs(cfg, layers, rows, rng, abstract):
   return {"ip_adapter": HookInputs(layers, ip_adapter.IPAdapterRows(tokens, scale))}
 
 
-def feature_shape(cfg, params, latent, dtype) -> tuple[int, ...]:
-  """DIFT features (the `up_blocks.0` output) per image at this latent size."""
-  x = jax.ShapeDtypeStruct((1, latent, latent, cfg.in_channels), jnp.float32)
-  rng = np.random.default_rng(0)
-  out = jax.eval_shape(lambda p, x_, c: unet.apply(p, x_, 0.0, c, config=cfg, dtype=dtype,
-                                                   capture=("up_blocks.0",))[1]["up_blocks.0"],
-                       params, x, _cond(cfg, 1, rng, True))
-  return tuple(out.shape[1:])
-
-
-def injection_program(cfg, params, layers, layout: RowLayout, groups: int, latent: int, steps: int, dtype,
-                      abstract: bool, seed: int = 0):
-  """(jitted fn's lowered program, args) of the KA-Diff injection pass for `groups` groups of `layout.group` jobs."""
-  rng = np.random.default_rng(seed)
-  b, rows = groups * layout.group, groups * layout.rows
-  feat = feature_shape(cfg, params, latent, dtype)
-  arr = lambda shape, dt=jnp.float32: _array(shape, dt, rng, abstract)
-  selector = parse_layers(default_inject_layers(cfg), kind="self")
-  args = (params, arr((b, latent, latent, cfg.in_channels)), arr((groups, steps + 1, latent, latent, cfg.in_channels)),
-          arr((groups, steps) + feat), arr((b, latent * VAE_FACTOR, latent * VAE_FACTOR), jnp.bool_),
-          _cond(cfg, rows, rng, abstract), jnp.float32(5.0), _hook_inputs(cfg, layers, rows, rng, abstract),
-          jnp.full((b,), 0.7, jnp.float32), jnp.tile(jnp.int32([1, steps - 1]), (b, 1)))
-  static = dict(unet_config=cfg, steps=steps, mode="kadiff", layout=layout, selector=selector,
-                inject=("k", "v"), resolutions=G.injection_resolutions(cfg, latent, selector), dtype=dtype,
-                upcast=cfg.upcast_attention)
-  return G.kadiff_denoise.lower(*args, **static), args, static
+def injection_program(cfg, params, layout: RowLayout, groups: int, latent: int, steps: int, dtype, abstract: bool,
+                      seed: int = 0):
+  """(lowered program, args) of the KA-Diff injection pass for `groups` groups of `layout.group` jobs: shapes only,
+  or random inputs with the release's threshold (0.7) and injection from step 1."""
+  shapes, static = G.abstract_inputs(cfg, layout, groups, latent, steps, IP_TOKENS, dtype)
+  if not abstract:
+    rng = np.random.default_rng(seed)
+    shapes = jax.tree_util.tree_map(lambda a: _array(a.shape, a.dtype, rng, False), shapes)
+    b = shapes[0].shape[0]
+    shapes = shapes[:5] + (jnp.float32(5.0), shapes[6], jnp.full((b,), 0.7, jnp.float32),
+                           jnp.tile(jnp.int32([1, steps - 1]), (b, 1)))
+  return G.kadiff_denoise.lower(params, *shapes, **static), (params,) + tuple(shapes)
 
 
 def inversion_program(cfg, params, layers, latent: int, steps: int, dtype, abstract: bool, seed: int = 0):
@@ -114,12 +101,8 @@ def accounting(compiled) -> dict:
   """FLOPs and bytes accessed of one loop step (XLA counts a loop body once) and peak memory in bytes."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  mem = compiled.memory_analysis()
-  peak = None
-  if mem is not None:
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes)
-  return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0)), "peak": peak}
+  return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0)),
+          "peak": G.peak_bytes(compiled)}
 
 
 def _median_s(fn, n: int) -> float:
@@ -129,18 +112,6 @@ def _median_s(fn, n: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return sorted(times)[n // 2]
-
-
-def device_memory() -> int | None:
-  """Bytes one device can hold: its allocator's limit (GPU, TPU), else the host's RAM (CPU)."""
-  stats = jax.devices()[0].memory_stats() or {}
-  if "bytes_limit" in stats:
-    return int(stats["bytes_limit"])
-  try:
-    import os
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  except (ValueError, OSError, AttributeError):
-    return None
 
 
 def run(config: str = "mid", group_sizes=(1, 4, 8), steps: int = 10, size: int | None = None, dtype: str = "fp32",
@@ -163,7 +134,7 @@ def run(config: str = "mid", group_sizes=(1, 4, 8), steps: int = 10, size: int |
   for k in group_sizes:
     entry = {}
     for name, layout, groups in (("per_job", KADIFF, k), ("grouped", KADIFF_GROUPED.grouped(k), 1)):
-      lowered, args, _ = injection_program(cfg, params, layers, layout, groups, latent, steps, jdt, abstract)
+      lowered, args = injection_program(cfg, params, layout, groups, latent, steps, jdt, abstract)
       compiled = lowered.compile()
       acc = accounting(compiled)
       e = {"rows_per_step": groups * layout.rows, "gflop_per_image": _g(acc["flops"] * steps / k),
@@ -178,7 +149,7 @@ def run(config: str = "mid", group_sizes=(1, 4, 8), steps: int = 10, size: int |
     if not abstract:
       entry["speedup"] = round(entry["grouped"]["images_per_s"] / entry["per_job"]["images_per_s"], 3)
     out["layouts"][f"k{k}"] = entry
-  out["memory"] = _batch_memory(cfg, params, layers, max(group_sizes), latent, steps, jdt)
+  out["memory"] = _batch_memory(cfg, params, max(group_sizes), latent, steps, jdt)
   return out
 
 
@@ -191,19 +162,12 @@ def _gib(b):
   return None if b is None else round(b / 2 ** 30, 3)
 
 
-def _batch_memory(cfg, params, layers, k, latent, steps, dtype) -> dict:
-  """Peak bytes of the grouped pass at 1 and 2 groups of k, shapes only; the linear fit gives the most groups a
-  device holds (the automatic per-device batch)."""
-  peaks = {}
-  for groups in (1, 2):
-    lowered, _, _ = injection_program(cfg, params, layers, KADIFF_GROUPED.grouped(k), groups, latent, steps,
-                                      dtype, abstract=True)
-    peaks[groups] = accounting(lowered.compile())["peak"]
-  out = {"k": k, "peak_gib_by_groups": {g: _gib(p) for g, p in peaks.items()}}
-  limit = device_memory()
-  if None not in peaks.values() and limit:
-    per_group = max(peaks[2] - peaks[1], 1)
-    fixed = peaks[1] - per_group
-    out["device_gib"] = _gib(limit)
-    out["groups_per_device"] = max(int((0.9 * limit - fixed) // per_group), 0)
+def _batch_memory(cfg, params, k, latent, steps, dtype) -> dict:
+  """How many groups of k one device of this machine holds (`generate.groups_per_device`, what the job runner's
+  automatic batch size uses on accelerators)."""
+  limit = sharding.device_memory()
+  out = {"k": k, "device_gib": _gib(limit)}
+  if limit:
+    out["groups_per_device"] = G.groups_per_device(params, cfg, KADIFF_GROUPED.grouped(k), latent, steps, IP_TOKENS,
+                                                   limit)
   return out

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kadiff_jax import sharding
 from kadiff_jax.models import unet
 from kadiff_jax.weights import convert
 
@@ -61,7 +62,8 @@ def run(config: str = "tiny", batch: int = 2, iters: int = 5, dtype: str = "fp32
   params = jax.device_put(params)
   cond = unet.UNetCond(jnp.asarray(ehs), jnp.asarray(te), jnp.asarray(tid))
   xj = jnp.asarray(x.transpose(0, 2, 3, 1))
-  step = jax.jit(lambda p, x_, t_, c_: unet.apply(p, x_, t_, c_, config=cfg, dtype=jdt)[0])
+  attention = sharding.attention_implementation(jdt)
+  step = jax.jit(lambda p, x_, t_, c_: unet.apply(p, x_, t_, c_, config=cfg, dtype=jdt, implementation=attention)[0])
   ours = _time(lambda: step(params, xj, jnp.float32(500), cond).block_until_ready(), iters)
 
   tx = lambda a: torch.tensor(a, device=device, dtype=tdt)
@@ -77,6 +79,7 @@ def run(config: str = "tiny", batch: int = 2, iters: int = 5, dtype: str = "fp32
   theirs = _time(torch_step, iters)
   return {"benchmark": "unet", "config": config, "batch": batch, "size": s, "ours_dtype": dtype,
           "torch_dtype": torch_dtype or dtype, "jax_backend": jax.default_backend(), "torch_device": device,
+          "attention": attention,
           "ours_step_s": round(ours, 6), "diffusers_step_s": round(theirs, 6),
           "speedup_vs_diffusers": round(theirs / ours, 3)}
 

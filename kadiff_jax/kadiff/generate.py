@@ -88,9 +88,11 @@ def kadiff_denoise(unet_params, noise, trajectory, ref_features, masks, cond, gu
         corr[r] = jax.lax.cond(jnp.any(active),
                                lambda: corr_lib.batched_correspondence(f_ref, feat_prev, masks, r, thresholds),
                                lambda: _empty_corr(b, r))
-    args = {**hook_args, "kv_injection": InjectionArgs(active, corr), "mutual_self_attention": InjectionArgs(active, corr)}
+    injection = InjectionArgs(active, corr)
+    args = {**hook_args, "kv_injection": injection, "mutual_self_attention": injection}
     eps, aux = unet.apply(unet_params, rows, t, cond, config=unet_config, dtype=dtype, hooks=tuple(hooks),
-                          hook_args=args, capture=("up_blocks.0",) if mode == "kadiff" else ())
+                          hook_args=args, capture=("up_blocks.0",) if mode == "kadiff" else (),
+                          implementation=sharding.attention_implementation(dtype))
     feat = layout.take(aux["up_blocks.0"], "cond_gen").astype(jnp.float32) if mode == "kadiff" else feat_prev
     return layout.guide(eps, guidance), feat, ({"correspondence": corr} if "correspondence" in record else {})
 
@@ -159,7 +161,8 @@ def injection_resolutions(unet_config: unet.UNetConfig, latent: int, selector) -
   return tuple(sorted({s.grid(latent)[0] for s in sites}))
 
 
-def plan_batch(adapter, items: Sequence[GenerationItem], options: KADiffOptions, mode: str, devices: int = 1) -> GroupPlan:
+def plan_batch(adapter, items: Sequence[GenerationItem], options: KADiffOptions, mode: str,
+               devices: int = 1) -> GroupPlan:
   """How `run_jobs` packs the items into rows: jobs sharing a prepared reference and IP-Adapter scale share its
   ref rows (grouped layouts)."""
   keys = [(id(it.reference), float(s)) for it, s in zip(items, _ip_scales(adapter, items, options))]
@@ -235,3 +238,78 @@ def run_jobs(models: SDXLModels, adapter, items: Sequence[GenerationItem], optio
                                  for r, c in aux["correspondence"].items()}
   return Generated(sharding.to_host(z)[pos], image_io.to_uint8(sharding.to_host(images)[pos]), out_aux,
                    tuple(range(len(items))))
+
+
+def abstract_inputs(unet_config: unet.UNetConfig, layout: RowLayout, groups: int, latent: int, steps: int,
+                    ip_tokens: int, dtype, text_tokens: int = 77):
+  """`kadiff_denoise`'s inputs after the UNet params, as shapes only, and its static arguments, for `groups`
+  groups of `layout` at this latent size (the release's injection settings; for compiling without data)."""
+  from kadiff_jax.kadiff.options import default_inject_layers
+  from kadiff_jax.models.attention import HookInputs, parse_layers
+  s = jax.ShapeDtypeStruct
+  b, rows = groups * layout.group, groups * layout.rows
+  c = unet_config.in_channels
+  ctx = unet_config.cross_attention_dim[0]
+  params = unet.init_shapes(unet_config, dtype)
+  row = lambda *shape: s((rows,) + shape, jnp.float32)
+  cond = unet.UNetCond(row(text_tokens, ctx), *((row(unet_config.projection_class_embeddings_input_dim
+                                                     - 6 * unet_config.addition_time_embed_dim), row(6))
+                                                 if unet_config.addition_embed_type else (None, None)))
+  feat = jax.eval_shape(lambda p, x, cd: unet.apply(p, x, 0.0, cd, config=unet_config, dtype=dtype,
+                                                    capture=("up_blocks.0",))[1]["up_blocks.0"],
+                        params, s((1, latent, latent, c), jnp.float32),
+                        jax.tree_util.tree_map(lambda a: s((1,) + a.shape[1:], a.dtype), cond)).shape[1:]
+  ip_layers = {path: {n: s((ctx, site.channels), dtype) for n in ("to_k_ip", "to_v_ip")}
+               for path, site in unet.attention_sites(unet_config).items() if site.kind == "cross"}
+  hook_args = {"ip_adapter": HookInputs(ip_layers, ip_adapter.IPAdapterRows(row(ip_tokens, ctx), row()))}
+  selector = parse_layers(default_inject_layers(unet_config), kind="self")
+  size = latent * 8
+  args = (s((b, latent, latent, c), jnp.float32), s((groups, steps + 1, latent, latent, c), jnp.float32),
+          s((groups, steps) + feat, jnp.float32), s((b, size, size), jnp.bool_), cond, s((), jnp.float32),
+          hook_args, s((b,), jnp.float32), s((b, 2), jnp.int32))
+  static = dict(unet_config=unet_config, steps=steps, mode="kadiff", layout=layout, selector=selector,
+                inject=("k", "v"), resolutions=injection_resolutions(unet_config, latent, selector), dtype=dtype,
+                upcast=unet_config.upcast_attention)
+  return args, static
+
+
+def peak_bytes(compiled) -> int | None:
+  """A compiled program's peak device memory from XLA's `memory_analysis()` (None where the backend has none)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def groups_per_device(unet_params, unet_config: unet.UNetConfig, layout: RowLayout, latent: int, steps: int,
+                      ip_tokens: int, memory_bytes: int) -> int:
+  """How many groups of `layout` one device holds: the injection pass compiled from shapes at 1 and 2 groups,
+  its peak memory fitted as fixed + per group, and 90% of `memory_bytes` divided out (at least 1)."""
+  dtype = jax.tree_util.tree_leaves(unet_params)[0].dtype
+  params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), unet_params)
+  peaks = []
+  for g in (1, 2):
+    args, static = abstract_inputs(unet_config, layout, g, latent, steps, ip_tokens, dtype)
+    peaks.append(peak_bytes(kadiff_denoise.lower(params, *args, **static).compile()))
+  if None in peaks:
+    return 1
+  per_group = max(peaks[1] - peaks[0], 1)
+  return max(int((0.9 * memory_bytes - (peaks[0] - per_group)) // per_group), 1)
+
+
+JOBS_PER_GROUP = 8  # the group size the automatic batch plans for (k = 8: 17 rows per 8 images)
+
+
+def auto_batch_size(models: SDXLModels, adapter, options: KADiffOptions, mesh) -> int:
+  """Jobs per batch when none is given: on an accelerator, as many groups of k jobs (`group_size`, else 8) as fit
+  each device's memory, from the injection pass's memory analysis; on CPU, one group per device."""
+  options = options.for_model(models)
+  k = options.group_size or JOBS_PER_GROUP
+  memory = sharding.device_memory()
+  if jax.default_backend() == "cpu" or memory is None:
+    return k * mesh.size
+  layout = layout_for(options.mode, options.row_layout)
+  layout = layout.grouped(k) if layout.shared else KADIFF  # per_job: k groups of one job
+  groups = groups_per_device(models.unet_params, models.unet_config, layout, options.size // models.vae_scale_factor,
+                             options.steps, adapter.num_tokens, memory)
+  return groups * layout.group * mesh.size

@@ -35,7 +35,6 @@ from kadiff_jax.kadiff.options import DEFAULT_PROMPT, KADiffOptions
 from kadiff_jax.pipelines.text_to_image import initial_noise, place_params
 
 log = logging.getLogger("kadiff_jax")
-DEFAULT_JOBS_PER_DEVICE = 8  # jobs per batch and device when no batch size is given (room for a reference group)
 _FIELDS = ("id", "prompt", "reference", "mask", "ref_prompt", "seed")
 AUTO_MASK = "auto"  # a job's mask field: derive the mask from the reference's cross-attention
 
@@ -133,7 +132,8 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
   todo.sort(key=lambda ij: (ij[1].reference, ij[1].ref_prompt))
   auto = any(j.mask == AUTO_MASK for _, j in todo)
   mesh = mesh or sharding.data_mesh()
-  bs = batch_size or DEFAULT_JOBS_PER_DEVICE * mesh.size
+  bs = batch_size or G.auto_batch_size(models, adapter, options, mesh)
+  log.info("%d job(s) per batch over %d device(s)%s", bs, mesh.size, "" if batch_size else " (automatic)")
   placed, placed_adapter = place_params(models, adapter, mesh)
   prepared: dict[tuple[str, str], R.PreparedReference] = dict(references or {})
   done: dict[str, dict] = {}

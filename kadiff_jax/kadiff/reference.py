@@ -180,7 +180,8 @@ def _invert(unet_params, vae_params, pixels, cond, guidance, hook_args, *, unet_
 
   def denoiser(z, t, i, carry):
     eps, aux = unet.apply(unet_params, CFG.broadcast(z), t, cond, config=unet_config, dtype=dtype, hooks=hooks,
-                          hook_args=hook_args, capture=("up_blocks.0",))
+                          hook_args=hook_args, capture=("up_blocks.0",),
+                          implementation=sharding.attention_implementation(dtype))
     out = {"features": CFG.take(aux["up_blocks.0"], "cond")}
     if cross_attention:
       out["cross_attention"] = concept_mask.aggregate_layers(aux)

@@ -92,8 +92,15 @@ class AttentionHook(Protocol):
 
 
 def dot_product_attention(q, k, v, *, implementation: str | None = None, upcast: bool = False):
-  """softmax(q k^T / sqrt(d)) v over [B, L, heads, d]; logits and softmax in fp32."""
+  """softmax(q k^T / sqrt(d)) v over [B, L, heads, d]; logits and softmax in fp32.
+
+  `implementation` "cudnn" asks for the fused kernel; inputs it does not take (not 16-bit, upcast, head dim
+  over 128 or not a multiple of 8) go to XLA's.
+  """
   dtype = q.dtype
+  d = q.shape[-1]
+  if implementation == "cudnn" and (upcast or dtype not in (jnp.bfloat16, jnp.float16) or d > 128 or d % 8):
+    implementation = "xla"
   if upcast:
     q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation).astype(dtype)

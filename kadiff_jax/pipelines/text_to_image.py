@@ -75,6 +75,7 @@ def denoise(unet_params, noise, cond: unet.UNetCond, sched_state, guidance, hook
 
   def denoiser(x, t, i, state):
     eps, _ = unet.apply(unet_params, layout.broadcast(x), t, cond, config=unet_config, dtype=dtype, hooks=hooks,
+                        implementation=sharding.attention_implementation(dtype),
                         hook_args=hook_args)
     return layout.guide(eps, guidance), state, {}
 

@@ -117,7 +117,7 @@ def load_ip_adapter(checkpoint: str | Path, image_encoder: str | Path, unet_conf
   renames = _RESAMPLER_RENAMES if isinstance(pcfg, image_proj.ResamplerConfig) else ()
   proj = convert.torch_to_params(proj_state, image_proj.init_shapes(pcfg), component=f"image_proj ({checkpoint})",
                                  renames=renames, dtype=dtype)
-  enc = load.load_component(image_encoder, CLIP_VISION, clip_vision.init_shapes(ecfg), dtype=dtype,
+  enc = load.load_component(image_encoder, CLIP_VISION, lambda: clip_vision.init_shapes(ecfg), ecfg, dtype=dtype,
                             cache_dir=cache_dir)
   return IPAdapter(ecfg, enc, pcfg, proj, layer_params(ip_state, unet_config, checkpoint, dtype), str(checkpoint))
 

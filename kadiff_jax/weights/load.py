@@ -1,19 +1,21 @@
-"""Loading one model component: read, convert strictly, cache with orbax.
+"""Loading one model component: read, convert strictly, cache the converted params.
 
 The first load of a component converts the torch checkpoint and saves the
-params with orbax-checkpoint under `cache_dir`, keyed by the source files
-(name, size, mtime), the target dtype and the converter version; later loads
-restore from there. A log line says which path was taken.
+params as one safetensors file under `cache_dir`/params, keyed by the source
+files (name, size, mtime), the target dtype and the converter version, its
+keys the params' tree paths; later loads read it back (no conversion, no
+checkpointing framework: one file, read at disk speed, by any process). A
+log line says which path was taken.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,60 +51,84 @@ def default_cache_dir() -> Path:
   return Path(os.environ.get("KADIFF_CACHE", Path.home() / ".cache" / "kadiff_jax"))
 
 
-def _fingerprint(sources: list[Path], spec: ComponentSpec, dtype, expected) -> str:
+@functools.lru_cache(maxsize=1)
+def _model_code_version() -> str:
+  """A hash of the model definitions' source: a param tree only changes when these files do."""
+  h = hashlib.sha256()
+  for f in sorted((Path(__file__).parents[1] / "models").glob("*.py")):
+    h.update(f.read_bytes())
+  return h.hexdigest()[:16]
+
+
+def _fingerprint(sources: list[Path], spec: ComponentSpec, dtype, config) -> str:
   h = hashlib.sha256()
   for f in sources:
     st = f.stat()
     h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-  shapes = jax.tree_util.tree_map(lambda a: tuple(a.shape), expected)
   h.update(json.dumps([spec.name, spec.renames, spec.ignore, jnp.dtype(dtype).name, CONVERTER_VERSION,
-                       jax.tree_util.tree_leaves_with_path(shapes).__repr__()]).encode())
+                       _model_code_version(), repr(config)]).encode())
   return h.hexdigest()[:20]
 
 
-def load_component(folder: Path, spec: ComponentSpec, expected: Any, *, dtype=jnp.float32,
+def load_component(folder: Path, spec: ComponentSpec, expected: Callable[[], Any], config, *, dtype=jnp.float32,
                    variant: str | None = None, cache_dir: Path | None = None, use_cache: bool = True):
-  """Params for `expected` (a ShapeDtypeStruct tree) from the checkpoint in `folder`."""
-  if use_cache and jax.process_count() > 1:
-    # orbax synchronises processes around saves and restores; independent per-process caching deadlocks
-    log.info("%s: multi-process run, converting without the params cache", spec.name)
-    use_cache = False
+  """Params from the checkpoint in `folder` for the model `config`, whose param shapes `expected()` gives (a
+  ShapeDtypeStruct tree; only evaluated to convert, since tracing a model's init costs seconds)."""
   sources = files.weight_files(folder, variant)
-  key = _fingerprint(sources, spec, dtype, expected)
-  cache = (cache_dir or default_cache_dir()) / "params" / f"{spec.name}-{key}"
-  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(tuple(a.shape), jnp.dtype(dtype)), expected)
+  key = _fingerprint(sources, spec, dtype, config)
+  cache = (cache_dir or default_cache_dir()) / "params" / f"{spec.name}-{key}.safetensors"
   t0 = time.perf_counter()
-  if use_cache and (cache / "commit_success.txt").exists():
+  if use_cache and cache.is_file():
     try:
-      params = _checkpointer().restore(cache, abstract)
-      log.info("%s: restored converted params from orbax cache %s (%.2fs)", spec.name, cache, time.perf_counter() - t0)
+      params = _read_params(cache, jnp.dtype(dtype))
+      log.info("%s: read converted params from the cache %s (%.2fs)", spec.name, cache, time.perf_counter() - t0)
       return params
-    except Exception as e:  # a corrupt or foreign cache entry: convert again
-      log.warning("%s: orbax cache %s unreadable (%s); converting again", spec.name, cache, e)
-      shutil.rmtree(cache, ignore_errors=True)
+    except Exception as e:  # derived data, damaged or foreign (safetensors' own errors included): convert again
+      log.warning("%s: params cache %s unreadable (%s); converting again", spec.name, cache, e)
   state, read = files.read_state_dict(folder, variant)
-  params = convert.torch_to_params(state, expected, component=f"{spec.name} ({folder})", renames=spec.renames,
+  params = convert.torch_to_params(state, expected(), component=f"{spec.name} ({folder})", renames=spec.renames,
                                    ignore=spec.ignore, dtype=np.dtype(jnp.dtype(dtype)))
   log.info("%s: converted %d tensors from %s (%.2fs)", spec.name, len(state), ", ".join(f.name for f in read),
            time.perf_counter() - t0)
   if use_cache:
     try:
       cache.parent.mkdir(parents=True, exist_ok=True)
-      tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-      shutil.rmtree(tmp, ignore_errors=True)
-      ckpt = _checkpointer()
-      ckpt.save(tmp, params)
-      ckpt.wait_until_finished()
-      os.replace(tmp, cache) if not cache.exists() else shutil.rmtree(tmp, ignore_errors=True)
+      _atomic(cache, lambda p: _write_params(p, params))
       log.info("%s: cached converted params at %s", spec.name, cache)
     except OSError as e:
       log.warning("%s: could not write the params cache %s: %s", spec.name, cache, e)
   return params
 
 
-def _checkpointer():
-  import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer()
+def _write_params(path: Path, params) -> None:
+  """A nested dict of arrays as safetensors keyed by '/'-joined paths; bf16 (not numpy's) stored as its bits."""
+  from safetensors.numpy import save_file
+  flat = {}
+  for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    a = np.ascontiguousarray(leaf)
+    flat["/".join(k.key for k in p)] = a.view(np.uint16) if a.dtype == jnp.bfloat16 else a
+  dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
+  save_file(flat, str(path), metadata={"dtype": dtype, "converter": str(CONVERTER_VERSION)})
+
+
+def _read_params(path: Path, dtype):
+  """The nested dict `_write_params` wrote; a file of another dtype is a ValueError."""
+  from safetensors import safe_open
+  params: dict = {}
+  with safe_open(str(path), "np") as f:
+    stored = (f.metadata() or {}).get("dtype")
+    if stored != dtype.name:
+      raise ValueError(f"cached as {stored}, expected {dtype.name}")
+    for name in f.keys():
+      a = f.get_tensor(name)
+      *parents, leaf = name.split("/")
+      node = params
+      for k in parents:
+        node = node.setdefault(k, {})
+      node[leaf] = a.view(jnp.bfloat16) if dtype == jnp.bfloat16 else a
+  if not params:
+    raise ValueError("no tensors")
+  return params
 
 
 def save_component(folder: Path, state: dict[str, np.ndarray], config: dict, *,
