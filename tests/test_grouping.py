@@ -178,6 +178,7 @@ def test_grouped_equals_per_job_with_three_references_and_fillers(tiny_models, s
   _compare(tiny_models, adapter, opts, _items(refs, [0, 1, 0, 2, 0, 1, 0]), want_k=2)
 
 
+@pytest.mark.slow
 def test_grouped_masactrl_equals_per_job(tiny_models, setup):
   adapter, opts, refs = setup
   # 4 + 1 jobs, 4 rows per job + 2 per group: k=2 (3 groups, 18 rows) beats k=1 and k=4 (20)
