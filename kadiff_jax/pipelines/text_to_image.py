@@ -182,6 +182,7 @@ def generate(models: SDXLModels, jobs: Sequence[Job], options: GenerationOptions
   mesh = mesh or sharding.data_mesh()
   models, adapter = place_params(models, adapter, mesh)  # once, not per batch
   bs = batch_size or max(mesh.size, min(len(jobs), 8))
+  out = OutputDir(out_dir) if out_dir is not None else None
   all_latents, all_images = [], []
   bar = tqdm(total=len(jobs), unit="img", disable=not progress, desc="generate")
   for start in range(0, len(jobs), bs):
@@ -195,7 +196,7 @@ def generate(models: SDXLModels, jobs: Sequence[Job], options: GenerationOptions
     batch = Batch([j.prompt for j in chunk], [j.negative_prompt for j in chunk], np.asarray(noise), refs, scales)
     latents, images = run_batch(models, batch, options, mesh, adapter)
     images = image_io.to_uint8(images)
-    if out_dir is not None and sharding.is_writer():
+    if out is not None and sharding.is_writer():
       for j, img in zip(chunk, images):
         meta = {"prompt": j.prompt, "negative_prompt": j.negative_prompt or "", "seed": str(j.seed),
                 "index": str(j.index), **({"reference": j.reference, "ip_adapter": adapter.source,
@@ -203,7 +204,7 @@ def generate(models: SDXLModels, jobs: Sequence[Job], options: GenerationOptions
                                                             else j.ip_scale)} if adapter and j.reference else {}),
                 "kadiff": {"model": str(models.source), **dataclasses.asdict(options),
                                                   "height": h, "width": w, **(extra_metadata or {})}}
-        OutputDir(out_dir).write_bytes(f"{j.id}.png", image_io.png_bytes(img, meta))
+        out.write_bytes(f"{j.id}.png", image_io.png_bytes(img, meta))
     all_latents.append(latents)
     all_images.append(images)
     bar.update(len(chunk))
