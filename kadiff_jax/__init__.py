@@ -6,11 +6,12 @@
 """
 
 __version__ = "0.1.0"
-__all__ = ["KADiffOptions", "KADiffOutput", "KADiffPipeline", "__version__"]
+__all__ = ["KADiffOptions", "KADiffOutput", "KADiffPipeline", "KnowledgeAugmentedOutput",
+           "KnowledgeAugmentedPipeline", "__version__"]
 
 
 def __getattr__(name):  # the API loads JAX and Flax only when asked for, so `kadiff --help` stays quick
-  if name in ("KADiffPipeline", "KADiffOutput"):
+  if name in ("KADiffPipeline", "KADiffOutput", "KnowledgeAugmentedPipeline", "KnowledgeAugmentedOutput"):
     from kadiff_jax import pipeline
     return getattr(pipeline, name)
   if name == "KADiffOptions":

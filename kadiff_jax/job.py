@@ -38,6 +38,7 @@ class Job:
   reference: str | None = None        # reference image path (IP-Adapter, KA-Diff)
   ref_prompt: str = ""                # KA-Diff: text describing the reference
   mask: str | None = None             # KA-Diff: a mask image, "auto" (from cross-attention) or None (all of it)
+  mask_words: tuple[str, ...] = ()    # mask "auto": the ref_prompt's subject words (empty: the options' choice)
   ip_scale: float | None = None       # None: the options' or the adapter's default
 
   def __post_init__(self):

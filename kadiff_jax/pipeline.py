@@ -31,7 +31,7 @@ from kadiff_jax.weights.options import ModelOptions
 class KADiffOutput(NamedTuple):
   images: list[Image.Image]  # one per prompt x num_images, in order
   latents: np.ndarray        # [N, h, w, C] final latents
-  records: list[dict]        # per image: job, mask source, resolved options, model
+  records: list[dict]        # per image: as `{id}.json` of `kadiff generate` (inputs, fingerprint, mask)
 
 
 @dataclasses.dataclass
@@ -49,16 +49,30 @@ class KADiffPipeline:
                       mesh=None) -> "KADiffPipeline":
     """An SDXL folder in diffusers layout, a Hub id, or "tiny" (the built-in random model with its own
     adapter), with an IP-Adapter file and its CLIP image encoder folder; dtype fp32, bf16 or fp16."""
-    opts = ModelOptions(model=model, variant=variant, dtype=dtype, ip_adapter=ip_adapter,
-                        image_encoder=image_encoder, cache_dir=cache_dir)
-    models = opts.load()
-    return cls(models, opts.load_adapter(models, required=True), opts, mesh)
+    return cls.from_options(ModelOptions(model=model, variant=variant, dtype=dtype, ip_adapter=ip_adapter,
+                                         image_encoder=image_encoder, cache_dir=cache_dir), mesh=mesh)
+
+  @classmethod
+  def from_options(cls, model_options: ModelOptions, *, mesh=None) -> "KADiffPipeline":
+    """The pipeline the model options (the CLI's model flags) name."""
+    models = model_options.load()
+    return cls(models, model_options.load_adapter(models, required=True), model_options, mesh)
+
+  def write_jobs(self, jobs: Sequence[Job], out_dir, options: KADiffOptions | None = None, *,
+                 baseline: bool = False, overwrite: bool = False, **kwargs):
+    """Runs a batch of jobs into an output folder (what `kadiff generate --mode` does): images, grids and one
+    JSON record per job, resuming where records match (see `kadiff_jax.kadiff.jobs.run`)."""
+    from kadiff_jax.kadiff import jobs as kjobs
+    return kjobs.run(self.models, self.adapter, jobs, self.options(options), out_dir,
+                     cache_dir=self.reference_cache_dir(kwargs.pop("cache_dir", None)), baseline=baseline,
+                     overwrite=overwrite, mesh=kwargs.pop("mesh", self.mesh), **kwargs)
 
   def options(self, options: KADiffOptions | None = None, **overrides) -> KADiffOptions:
     """`options` (default: the release's) with keyword overrides, resolved for this model."""
     return dataclasses.replace(options or KADiffOptions(), **overrides).for_model(self.models)
 
-  def _cache_dir(self, cache_dir):
+  def reference_cache_dir(self, cache_dir=None):
+    """Where prepared references (inversions) are cached: `cache_dir`, else references/ in the cache root."""
     from kadiff_jax.weights.load import default_cache_dir
     return cache_dir if cache_dir is not None else (self.model_options.cache_path or default_cache_dir()) / "references"
 
@@ -68,7 +82,7 @@ class KADiffPipeline:
     DDIM inversion (from the reference cache when it holds one). Pass it as `reference=` to later calls."""
     from kadiff_jax.kadiff import reference as R
     return R.prepare_reference(self.models, self.adapter, reference, ref_prompt, self.options(options, **overrides),
-                               auto_mask=auto_mask, cache_dir=self._cache_dir(cache_dir), mesh=self.mesh)
+                               auto_mask=auto_mask, cache_dir=self.reference_cache_dir(cache_dir), mesh=self.mesh)
 
   def __call__(self, prompt: str | Sequence[str] = DEFAULT_PROMPT, reference=None, *, ref_prompt: str = "",
                mask=None, seed: int = 0, num_images: int = 1, options: KADiffOptions | None = None,
@@ -93,21 +107,88 @@ class KADiffPipeline:
     jobs = [Job.numbered(p, seed, i + n * num_images, reference=prepared.path, ref_prompt=ref_prompt,
                          mask=str(path_mask) if path_mask is not None else None)
             for n, p in enumerate(prompts) for i in range(num_images)]
-    items, masks = [], []
+    from kadiff_jax import records
+    ref_digest = kjobs.reference_digest(prepared.image)
+    items, masks, inputs = [], [], []
     for job in jobs:
       if mask is not None and path_mask is None:  # a PIL image or an array (bool, or uint8 with white = concept)
         from kadiff_jax.kadiff.reference import load_mask
         image = mask if isinstance(mask, Image.Image) else Image.fromarray(
             np.asarray(mask, np.uint8) * (255 if np.asarray(mask).dtype == bool else 1))
         m, info = load_mask(image, opts.size, opts.mask_padding), {"source": "user", "path": "<in memory>"}
+        mask_digest = "sha256:" + records.array_sha256(np.asarray(image.convert("L")))
       else:
         m, info = kjobs.job_mask(job, prepared, self.models.tokenizer, opts)
+        mask_digest = kjobs.mask_input(job)
       items.append(G.GenerationItem(job, prepared, m, kjobs.job_noise(job, self.models, opts)))
       masks.append(info)
+      inputs.append(kjobs.job_inputs(job, self.models, self.adapter, opts, reference_sha256=ref_digest,
+                                     mask=mask_digest))
     out = G.run_jobs(self.models, self.adapter, items, opts, mesh=self.mesh)
-    resolved = dataclasses.asdict(opts)
-    records = [{"prompt": j.prompt, "seed": j.seed, "index": j.index, "reference": prepared.path,
-                "ref_prompt": ref_prompt, "mask": info, "mode": opts.mode, "options": resolved,
-                "model": str(self.models.source), "ip_adapter": self.adapter.source}
-               for j, info in zip(jobs, masks)]
-    return KADiffOutput([Image.fromarray(im) for im in out.images], out.latents, records)
+    recs = [records.record(j.id, i, **kjobs.job_fields(j), mask=info) for j, i, info in zip(jobs, inputs, masks)]
+    return KADiffOutput([Image.fromarray(im) for im in out.images], out.latents, recs)
+
+
+class KnowledgeAugmentedOutput(NamedTuple):
+  images: list[Image.Image]  # num_images per query; empty when no reference matched
+  record: dict               # retrieval (candidates, scores, re-ranking), the chosen entry, then the job's record
+  retrieval: Any             # retrieval.retriever.Retrieval
+
+
+@dataclasses.dataclass
+class KnowledgeAugmentedPipeline:
+  """Retrieval, then KA-Diff: a prompt -> a reference retrieved from an index -> images and a record.
+
+      from kadiff_jax import KnowledgeAugmentedPipeline
+      kap = KnowledgeAugmentedPipeline.from_pretrained("tiny", index="idx")   # kadiff retrieve build ... --index idx
+      out = kap("a chow chow in the snow", concept="chow chow", steps=10)
+      out.images[0].save("chow.png"); print(out.record["chosen"])
+
+  As `kadiff run`: the entry's caption is the ref_prompt (else "a photo of TITLE"); with mask "auto" the mask
+  words are the entity's (title, else aliases) found in it; a best dense score under `min_score` is a weak
+  match: no images (or the top-1 anyway with on_no_match="top1").
+  """
+
+  pipe: KADiffPipeline
+  retriever: Any
+
+  @classmethod
+  def from_pretrained(cls, model: str = "tiny", *, index: str, rerank: str | None = None, embedder: str | None = None,
+                      scoring: str = "logprob", **model_kwargs) -> "KnowledgeAugmentedPipeline":
+    """`model` and `model_kwargs` as `KADiffPipeline.from_pretrained`; `index` a `kadiff retrieve build` folder;
+    `rerank` an MLLM folder, Hub id or "tiny"."""
+    from retrieval import embed, rerank as rerank_lib, retriever, store
+    ri = store.RetrievalIndex.load(index)
+    r = retriever.Retriever(ri, embed.load_embedder(embedder or ri.manifest["embedder"]["id"]),
+                            reranker=rerank_lib.MLLMReranker(rerank, scoring=scoring) if rerank else None)
+    return cls(KADiffPipeline.from_pretrained(model, **model_kwargs), r)
+
+  def __call__(self, prompt: str, concept: str | None = None, *, k: int = 5, mask="auto", seed: int = 0,
+               num_images: int = 1, min_score: float | None = None, on_no_match: str = "skip",
+               options: KADiffOptions | None = None, **overrides) -> KnowledgeAugmentedOutput:
+    from kadiff_jax.kadiff import run as krun
+    if on_no_match not in ("skip", "top1"):
+      raise ValueError(f"on_no_match = {on_no_match!r}; expected 'skip' or 'top1'")
+    min_score = krun.MIN_SCORE if min_score is None else min_score
+    concept = concept or prompt
+    found = self.retriever.retrieve(concept, k)
+    top = found.candidates[0].score
+    record: dict = {"prompt": prompt, "concept": concept, "seed": seed, "retrieval": found.to_json(),
+                    "weak_match": top < min_score}
+    if top < min_score and on_no_match == "skip":
+      record.update(status="no_match", reason=f"best dense score {top:.3f} is under min_score {min_score}")
+      return KnowledgeAugmentedOutput([], record, found)
+    entry = found.chosen.entry
+    ref_prompt, source = krun.ref_prompt_for(entry)
+    if isinstance(mask, str) and mask == "auto" and not (options and options.mask_words) \
+        and "mask_words" not in overrides:
+      words, words_source = krun.entity_mask_words(entry, ref_prompt)
+      if words:
+        overrides["mask_words"] = words
+        record["mask_words_source"] = words_source
+    out = self.pipe(prompt, reference=entry.image, ref_prompt=ref_prompt, mask=mask, seed=seed,
+                    num_images=num_images, options=options, **overrides)
+    record.update(status="done", chosen={"id": entry.id, "title": entry.title, "image": entry.image,
+                                         "score": found.chosen.score},
+                  ref_prompt_source=source, images=out.records)
+    return KnowledgeAugmentedOutput(out.images, record, found)

@@ -9,6 +9,7 @@ loads the folder as it would the real one. Text-encoder weights use the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -140,6 +141,76 @@ def write_tiny_ip_adapter(folder: Path, ucfg: unet.UNetConfig, seed: int = 0) ->
   adapter = IPAdapter(ecfg, None, pcfg, random_params(image_proj.init_shapes(pcfg), [seed, 12]), layers)
   (folder / "sdxl_models").mkdir(parents=True, exist_ok=True)
   save_file(adapter_state(adapter, ucfg), str(folder / "sdxl_models" / "ip-adapter-plus_sdxl_vit-h.safetensors"))
+
+
+def make_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
+  """A tiny random CLIPModel folder (text and vision towers with projections, our tiny BPE tokenizer) in the
+  transformers layout, for CLIP-T and CLIP-I: `transformers.CLIPModel.from_pretrained` loads it."""
+  folder = Path(folder)
+  tcfg, vcfg = clip_text.tiny(True, TINY_VOCAB), clip_vision.tiny()
+  if tcfg.projection_dim != vcfg.projection_dim:
+    raise AssertionError("tiny CLIP towers must share one projection width")
+  text = dict(random_params(clip_text.init_shapes(tcfg), [seed, 20]))
+  vision = dict(random_params(clip_vision.init_shapes(vcfg), [seed, 21]))
+  state = convert.params_to_torch({k: v for k, v in text.items() if k != "text_projection"}, prefix="text_model.")
+  state.update(convert.params_to_torch({k: v for k, v in vision.items() if k != "visual_projection"},
+                                       prefix="vision_model."))
+  state.update(convert.params_to_torch({"text_projection": text["text_projection"],
+                                        "visual_projection": vision["visual_projection"]}))
+  state["logit_scale"] = np.asarray(np.log(1 / 0.07), np.float32)
+  text_cfg = {k: v for k, v in tcfg.to_transformers(True).items() if k not in ("architectures", "projection_dim")}
+  vision_cfg = {k: v for k, v in vcfg.to_transformers().items() if k not in ("architectures", "projection_dim")}
+  save_component(folder, state, {"architectures": ["CLIPModel"], "model_type": "clip", "torch_dtype": "float32",
+                                 "projection_dim": tcfg.projection_dim, "logit_scale_init_value": 2.6592,
+                                 "text_config": {**text_cfg, "model_type": "clip_text_model"},
+                                 "vision_config": {**vision_cfg, "model_type": "clip_vision_model"}},
+                 weights_name="model.safetensors")
+  clip_bpe.write_tokenizer(folder, TINY_VOCAB)
+  return folder
+
+
+def make_tiny_dino(folder: str | os.PathLike, seed: int = 0) -> Path:
+  """A tiny random ViTModel folder shaped like DINO ViT-S/16 (CLS features), in the transformers layout."""
+  from kadiff_jax.models import vit
+  folder = Path(folder)
+  cfg = vit.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=32, patch_size=8)
+  state = convert.params_to_torch(random_params(vit.init_shapes(cfg), [seed, 22]))
+  rng = np.random.default_rng([seed, 23])  # the pooler transformers' ViTModel carries (DINO scores do not use it)
+  state["pooler.dense.weight"] = (rng.standard_normal((32, 32)) / np.sqrt(32)).astype(np.float32)
+  state["pooler.dense.bias"] = np.zeros(32, np.float32)
+  save_component(folder, state, {"architectures": ["ViTModel"], "model_type": "vit", "torch_dtype": "float32",
+                                 **dataclasses.asdict(cfg)}, weights_name="model.safetensors")
+  return folder
+
+
+TINY_PARTS = {"clip": make_tiny_clip, "dino": make_tiny_dino}  # beside the SDXL folder, made on first use
+
+
+def tiny_part(name: str, cache_dir: Path | None = None, seed: int = 0) -> Path:
+  """The tiny CLIP ("clip"), DINO ("dino") or LLaVA-OneVision re-ranker ("mllm") folder in the cache, made on
+  first use: what `--clip tiny`, `--dino tiny` and `--rerank tiny` name."""
+  from kadiff_jax import __version__
+  folder = (cache_dir or default_cache_dir()) / f"tiny-{name}-{__version__}-seed{seed}"
+  if not (folder / "config.json").is_file():
+    if name == "mllm":
+      try:
+        from retrieval.tiny_mllm import make_tiny_mllm
+        import torch  # noqa: F401
+      except ImportError:
+        raise ImportError("the tiny re-ranker needs the rerank extra: pip install 'kadiff-jax[rerank]'") from None
+      make = make_tiny_mllm
+    elif name in TINY_PARTS:
+      make = TINY_PARTS[name]
+    else:
+      raise ValueError(f"tiny part {name!r}: expected one of {sorted(TINY_PARTS) + ['mllm']}")
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make(tmp, seed)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    log.info("wrote the tiny %s model to %s", name, folder)
+  return folder
 
 
 def tiny_model_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:

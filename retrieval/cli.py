@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
 from kadiff_jax import cli_args
@@ -16,8 +15,8 @@ log = logging.getLogger(__name__)
 def _web_cache(args) -> Path:
   if args.web_cache:
     return Path(args.web_cache)
-  base = os.environ.get("KADIFF_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "kadiff")
-  return Path(base).expanduser() / "web"
+  from kadiff_jax.weights.load import default_cache_dir
+  return default_cache_dir() / "web"
 
 
 def http_policy(args):
@@ -128,6 +127,23 @@ def _evaluate(args) -> None:
   print(json.dumps(result))
 
 
+def _calibrate(args) -> None:
+  from retrieval import calibrate, embed, retriever, store
+  ri = store.RetrievalIndex.load(args.index, verify=not args.no_verify, backend=args.backend)
+  r = retriever.Retriever(ri, embed.load_embedder(args.embedder or ri.manifest["embedder"]["id"]))
+  result = calibrate.calibrate(r, [q["query"] for q in _read_queries(args.queries)],
+                               calibrate.off_topic_queries(args.off_topic))
+  for name in ("on_topic", "off_topic"):
+    d = result[name]
+    print(f"{name:<9} n={d['n']:<3} min {d['min']:.3f}  p5 {d['p5']:.3f}  median {d['median']:.3f}  "
+          f"p95 {d['p95']:.3f}  max {d['max']:.3f}")
+  print(f"threshold {result['threshold']:.3f}: {result['on_topic_under']} on-topic under it, "
+        f"{result['off_topic_over']} off-topic at or over it")
+  for name, key in (("lowest on-topic", "on_topic_lowest"), ("highest off-topic", "off_topic_highest")):
+    print(f"{name}: " + "; ".join(f"{q!r} {s:.3f}" for q, s in result[key]))
+  print(json.dumps(result))
+
+
 def _upsert(args) -> None:
   from retrieval import embed, store
   ri = store.RetrievalIndex.load(args.index, verify=not args.no_verify)
@@ -158,7 +174,7 @@ def add_web_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--allow-private-hosts", action="store_true", help="also fetch loopback, private and link-local "
                  "addresses (refused by default)")
   g.add_argument("--web-cache", default=None, help="cache of searches, pages, summaries and images "
-                 "(default $KADIFF_CACHE/web or ~/.cache/kadiff/web)")
+                 "(default: web/ in the cache root, $KADIFF_CACHE or $XDG_CACHE_HOME/kadiff_jax)")
 
 
 def add_verify_arg(p: argparse.ArgumentParser) -> None:
@@ -205,6 +221,16 @@ def add_parser(sub) -> None:
     add_web_args(q)
     cli_args.add_config_arg(q)
     cli_args.leaf(q, ("retrieve", name), fn)
+
+  c = rs.add_parser("calibrate", help="measure top-1 dense scores of on-topic and off-topic queries and choose "
+                    "the no-match threshold (kadiff run --min-score); JSON on the last line")
+  c.add_argument("--index", required=True)
+  c.add_argument("--queries", default="dreambooth", help="on-topic queries: JSONL of {query, id}, or 'dreambooth'")
+  c.add_argument("--off-topic", default=None, help="off-topic queries, one a line (default: the built-in 30)")
+  c.add_argument("--embedder", default=None, help="default: the one the index was built with")
+  c.add_argument("--backend", choices=["scann", "exact"], default=None, help="default: the saved one")
+  add_verify_arg(c)
+  cli_args.leaf(c, ("retrieve", "calibrate"), _calibrate)
 
   u = rs.add_parser("upsert", help="add or replace entries (same id) in an index")
   u.add_argument("--index", required=True)

@@ -205,7 +205,11 @@ class MLLMReranker:
     self.id, self.scoring, self.max_new_tokens = model, scoring, max_new_tokens
     from kadiff_jax.weights.files import CheckpointNotFound, resolve_model
     try:
-      folder = resolve_model(model)
+      if model == "tiny":  # a random LLaVA-OneVision in the cache, made on first use (answers are noise)
+        from kadiff_jax.tiny_model import tiny_part
+        folder = tiny_part("mllm")
+      else:
+        folder = resolve_model(model)
     except CheckpointNotFound as e:
       raise RerankError(f"re-ranker {model!r}: {e}") from None
     self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -119,7 +119,10 @@ class Retriever:
     if not described:
       log.warning("re-ranking %r: no candidate image could be read; keeping the top-1", query)
       return Retrieval(query, text, cands, cands[0])
-    decision = rerank_lib.choose(query, described, self.reranker)
+    from kadiff_jax.progress import step
+    with step("re-ranking %d candidates for %r with %s", len(described), query,
+              getattr(self.reranker, "id", type(self.reranker).__name__)):
+      decision = rerank_lib.choose(query, described, self.reranker)
     chosen = next(c for c in cands if c.id == decision.chosen)
     return Retrieval(query, text, cands, chosen, decision)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,9 +39,11 @@ def test_api_images_equal_the_cli_for_the_same_job(tmp_path, tiny_dir, files):
   assert isinstance(res.images[0], Image.Image)
   np.testing.assert_array_equal(np.asarray(res.images[0]), cli_image)
   rec = res.records[0]
-  assert rec["seed"] == 3 and rec["ref_prompt"] == "a dog" and rec["mode"] == "kadiff"
-  assert rec["options"]["steps"] == 4 and rec["options"]["inject_layers"] == "up_blocks.*"
+  assert rec["seed"] == 3 and rec["ref_prompt"] == "a dog" and rec["inputs"]["options"]["mode"] == "kadiff"
+  assert rec["inputs"]["options"]["steps"] == 4 and rec["inputs"]["options"]["inject_layers"] == "up_blocks.*"
   assert rec["mask"]["source"] == "user"
+  # the same job: the same fingerprint as the record the CLI wrote beside its image
+  assert rec["fingerprint"] == json.loads((out / "seed3_0000.json").read_text())["fingerprint"]
 
   # a reference prepared once serves later calls; several prompts; a mask given as an array
   prepared = pipe.invert(str(files / "ref.png"), "a dog", steps=4)

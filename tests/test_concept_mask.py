@@ -208,6 +208,7 @@ def test_mask_cli_writes_mask_heatmap_and_iou(tmp_path, tiny_dir, capsys):
   t = truth[..., 0] > 127
   assert rec["iou"] == pytest.approx((mask & t).sum() / (mask | t).sum(), abs=1e-6)
   assert rec["foreground_fraction"] == pytest.approx(mask.mean(), abs=1e-6)
-  assert np.asarray(image_io.load_rgb(tmp_path / "m_heatmap.png")).shape == (64, 64, 3)
+  heat = np.asarray(image_io.load_rgb(tmp_path / "m_heatmap.png"))  # a figure: the overlay and its colour bar
+  assert heat.shape[0] > 64 and heat.shape[1] > heat.shape[0] and heat.std() > 0
   assert cli.main(argv[:-2] + ["--mask-words", "cat"]) == 2
   assert "do not occur in ref_prompt" in capsys.readouterr().err

@@ -91,7 +91,7 @@ def test_evaluate_dreambooth_end_to_end_and_resume(tmp_path, tiny_dir, tiny_clip
   md = (out / "summary.md").read_text()
   assert all(name in md for name in ("KA-Diff (ours)", "IP-Adapter", "MasaCtrl-style", "CLIP-T", "DINO"))
   chart = np.asarray(Image.open(out / "chart.png"))
-  assert chart.shape == (360, 720, 3) and len(np.unique(chart.reshape(-1, 3), axis=0)) > 5
+  assert chart.shape == (380, 720, 3) and len(np.unique(chart.reshape(-1, 3), axis=0)) > 5
   assert (out / "images" / "kadiff" / "dog-p00-s0_mask.png").is_file()  # the automatic mask, by default
 
   # resume: nothing to do; a deleted image is the only one regenerated
@@ -107,6 +107,20 @@ def test_evaluate_dreambooth_end_to_end_and_resume(tmp_path, tiny_dir, tiny_clip
   assert cli.main(argv) == 2
   err = capsys.readouterr().err
   assert "cannot read" in err and "dog-p01-s0.png" in err
+
+
+def test_evaluate_offline_with_tiny_metric_models(tmp_path, tiny_dir, dataset_dir, capsys, monkeypatch):
+  """No network: the tiny SDXL, and `--clip tiny --dino tiny` made in the cache; summary.md names them."""
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  out = tmp_path / "eval"
+  assert cli.main(["evaluate", "dreambooth", "--data", str(dataset_dir), "--out", str(out), "--subjects", "dog",
+                   "--prompts", "0", "--methods", "kadiff", "--model", str(tiny_dir), "--steps", "3",
+                   "--clip", "tiny", "--dino", "tiny", "--cache-dir", str(tmp_path / "cache")]) == 0
+  last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert last["items"] == 1 and set(last["summary"]["kadiff"]) == {"clip_t", "clip_i", "dino"}
+  md = (out / "summary.md").read_text()
+  assert "CLIP `tiny`" in md and "DINO `tiny`" in md and "random tiny models" in md
+  assert "ViT-B/32" not in md
 
 
 def test_report_numbers():

@@ -31,7 +31,9 @@ LOCAL = http_client.HttpPolicy(connect_timeout=2, read_timeout=0.5, deadline=1.5
 
 def _one_line_error(capsys, *needles):
   err = capsys.readouterr().err.strip()
-  assert "Traceback" not in err and len(err.splitlines()) == 1, err
+  lines = [line for line in err.splitlines() if not line.startswith("INFO ")]  # progress lines say what ran
+  assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("kadiff: error: "), err
+  err = lines[0]
   for n in needles:
     assert n in err, (n, err)
   return err
@@ -401,3 +403,25 @@ def test_decompression_bomb_is_one_line(tmp_path, capsys, monkeypatch):
                    str(tmp_path / "o")]) == 2
   _one_line_error(capsys, "r.png: Image size (4096 pixels) exceeds limit of 1000 pixels",
                   "KADIFF_MAX_IMAGE_PIXELS")
+
+
+def test_missing_optional_extra_is_named_in_one_line(monkeypatch, capsys):
+  """`kadiff benchmark unet` without diffusers: one line naming the extra that installs it, no traceback."""
+  import sys
+  from kadiff_jax import cli
+  monkeypatch.setitem(sys.modules, "diffusers", None)  # what an environment without the package looks like
+  assert cli.main(["benchmark", "unet", "--config", "tiny", "--iters", "1"]) == 2
+  err = _one_line_error(capsys, "'diffusers'", "pip install 'kadiff-jax[reference]'")
+  assert "ModuleNotFoundError" not in err
+
+
+def test_version_and_help_defaults(capsys):
+  from kadiff_jax import __version__, cli
+  with pytest.raises(SystemExit):
+    cli.main(["--version"])
+  assert capsys.readouterr().out.strip() == f"kadiff-jax {__version__}"
+  with pytest.raises(SystemExit):
+    cli.main(["run", "--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  assert "candidates retrieved (and re-ranked) (default: 5)" in text and "(default: 0.32)" in text
+  assert "--seed SEED (default: 0)" in text

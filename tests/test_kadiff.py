@@ -185,8 +185,11 @@ def test_cli_jobs_resume_invert_and_bad_input(tmp_path, tiny_dir, reference_imag
           str(tmp_path / "c")]
   assert cli.main(argv) == 0
   names = sorted(p.name for p in (tmp_path / "out").iterdir())
-  assert names == ["beach.png", "beach_baseline.png", "beach_grid.png", "config.yaml", "snow.png",
-                   "snow_baseline.png", "snow_grid.png"]
+  assert names == ["beach.json", "beach.png", "beach_baseline.png", "beach_grid.png", "config.yaml", "snow.json",
+                   "snow.png", "snow_baseline.png", "snow_grid.png"]
+  rec = json.loads((tmp_path / "out" / "snow.json").read_text())
+  assert rec["outputs"] == {"ours": "snow.png", "grid": "snow_grid.png", "baseline": "snow_baseline.png"}
+  assert rec["inputs"]["options"]["steps"] == 6 and rec["inputs"]["baseline"] and rec["mask"]["source"] == "user"
   meta = image_io.read_png_metadata(tmp_path / "out" / "snow.png")
   assert meta["mode"] == "kadiff" and meta["mask"].endswith("mask.png") and meta["ref_prompt"] == "a dog"
   assert len(list((tmp_path / "c" / "references").glob("*.npz"))) == 1  # one reference, inverted once
@@ -196,6 +199,21 @@ def test_cli_jobs_resume_invert_and_bad_input(tmp_path, tiny_dir, reference_imag
   assert cli.main(argv) == 0
   assert "wrote 1 job(s)" in capsys.readouterr().out
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "snow.png")), first)
+  # a changed job is refused (naming it and what changed), then redone alone with --overwrite
+  rows = [json.loads(line) for line in jobs.read_text().splitlines()]
+  rows[1]["prompt"] = "a dog on the moon"
+  jobs.write_text("\n".join(json.dumps(r) for r in rows))
+  stamps = {n: (tmp_path / "out" / n).stat().st_mtime_ns for n in ("snow.png", "beach.png", "snow.json")}
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "1 job(s) already have outputs made from other inputs" in err and "beach: prompt:" in err, err
+  assert "--overwrite" in err
+  assert {n: (tmp_path / "out" / n).stat().st_mtime_ns for n in stamps} == stamps  # nothing touched
+  assert cli.main(argv + ["--overwrite"]) == 0
+  printed = capsys.readouterr().out
+  assert "wrote 1 job(s)" in printed and "1 of them redone with new inputs" in printed, printed
+  assert (tmp_path / "out" / "snow.png").stat().st_mtime_ns == stamps["snow.png"]
+  assert json.loads((tmp_path / "out" / "beach.json").read_text())["prompt"] == "a dog on the moon"
   # kadiff invert writes a cache that generate --reference-cache reads (without inverting again)
   assert cli.main(["invert", "--model", str(tiny_dir), "--reference", reference_image, "--ref-prompt", "a dog",
                    "--steps", "6", "--out", str(tmp_path / "inv" / "dog.npz"), "--cache-dir", str(tmp_path / "c")]) == 0
@@ -352,4 +370,5 @@ def test_cli_kadiff_without_layer_flag_injects_and_bad_selector_lists_layers(tmp
   assert cli.main(argv + ["--inject-layers", "44-70"]) == 2
   err = capsys.readouterr().err
   assert "inject_layers '44-70' matches no self-attention layer of this UNet; it has layers 1-11" in err
-  assert "up_blocks.1.attentions.1.*" in err and len(err.strip().splitlines()) == 1
+  assert "up_blocks.1.attentions.1.*" in err
+  assert [line for line in err.strip().splitlines() if not line.startswith("INFO ")] == [err.strip().splitlines()[-1]]

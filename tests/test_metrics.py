@@ -74,3 +74,27 @@ def test_unreadable_images_are_named(tmp_path, tiny_clip, tiny_dino):
   np.testing.assert_allclose(clip.image_embeds([tmp_path / "good.png", np.asarray(good)]),
                              clip.image_embeds([good, good]), atol=1e-6)
   np.testing.assert_allclose(dino.features([grey]), dino.features([grey.convert("RGB")]), atol=1e-6)
+
+
+def test_tiny_metric_models_load_in_transformers_and_match_it():
+  """`--clip tiny` / `--dino tiny` write real transformers folders (strict loads) that our scorers read."""
+  import torch
+  from transformers import CLIPModel, ViTModel
+  from kadiff_jax.tiny_model import tiny_part
+  clip, dino = CLIPScorer("tiny"), DINOScorer("tiny")
+  images = list((np.random.default_rng(3).random((2, 40, 48, 3)) * 255).astype(np.uint8))
+  ref_clip, info = CLIPModel.from_pretrained(tiny_part("clip"), output_loading_info=True)
+  assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+  ref_dino, info = ViTModel.from_pretrained(tiny_part("dino"), output_loading_info=True)
+  assert not any(info.values()), info
+  with torch.no_grad():
+    e = ref_clip.get_image_features(pixel_values=torch.tensor(clip.pixels(images)).permute(0, 3, 1, 2))
+    e = getattr(e, "pooler_output", e)
+    t = ref_clip.get_text_features(input_ids=torch.tensor(clip.tokenizer(
+        ["a dog", "a red can"], padding="max_length", max_length=77, return_tensors="np")["input_ids"]))
+    t = getattr(t, "pooler_output", t)
+    f = ref_dino(pixel_values=torch.tensor(dino.pixels(images)).permute(0, 3, 1, 2)).last_hidden_state[:, 0]
+  unit = lambda x: (x / x.norm(dim=-1, keepdim=True)).numpy()
+  np.testing.assert_allclose(clip.image_embeds(images), unit(e), atol=1e-5)
+  np.testing.assert_allclose(clip.text_embeds(["a dog", "a red can"]), unit(t), atol=1e-5)
+  np.testing.assert_allclose(dino.features(images), unit(f), atol=1e-5)

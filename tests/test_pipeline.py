@@ -43,7 +43,11 @@ def test_generate_cli_writes_pngs_with_metadata(tmp_path, tiny_dir):
   rc = cli.main(["generate", "--model", str(tiny_dir), "--prompt", "a cat", "--out", str(out), "--steps", "3",
                  "--num-images", "2", "--seed", "7"])
   assert rc == 0
-  assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "seed7_0000.png", "seed7_0001.png"]
+  assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "seed7_0000.json", "seed7_0000.png",
+                                                   "seed7_0001.json", "seed7_0001.png"]
+  rec = json.loads((out / "seed7_0001.json").read_text())
+  assert rec["inputs"]["options"]["steps"] == 3 and rec["inputs"]["index"] == 1 and rec["outputs"] == {
+      "image": "seed7_0001.png"}
   names = ["seed7_0000.png", "seed7_0001.png"]
   meta = image_io.read_png_metadata(out / names[1])
   assert meta["prompt"] == "a cat" and meta["seed"] == "7" and meta["index"] == "1"
@@ -61,6 +65,28 @@ def test_generate_cli_writes_pngs_with_metadata(tmp_path, tiny_dir):
                  "--steps", "3", "--seed", "7"])
   alone = np.asarray(__import__("PIL.Image").Image.open(tmp_path / "alone" / names[0])).astype(int)
   assert np.abs(alone - a).max() <= 1 and (alone != a).mean() < 0.01
+
+
+def test_generate_cli_resume_follows_the_records(tmp_path, tiny_dir, capsys):
+  """Plain generate follows the jobs-file rule: matching outputs are skipped, changed ones refused or redone."""
+  argv = ["generate", "--model", str(tiny_dir), "--prompt", "a cat", "--out", str(tmp_path / "o"), "--steps", "3",
+          "--num-images", "2", "--seed", "7"]
+  assert cli.main(argv) == 0
+  stamp = (tmp_path / "o" / "seed7_0000.png").stat().st_mtime_ns
+  capsys.readouterr()
+  assert cli.main(argv) == 0
+  assert "wrote 0 job(s)" in capsys.readouterr().out and \
+      (tmp_path / "o" / "seed7_0000.png").stat().st_mtime_ns == stamp
+  assert cli.main(argv + ["--num-images", "3"]) == 0  # one more image: only it is made
+  assert "wrote 1 job(s)" in capsys.readouterr().out
+  dog = ["a dog" if a == "a cat" else a for a in argv]
+  assert cli.main(dog) == 2
+  err = capsys.readouterr().err
+  assert "2 job(s) already have outputs made from other inputs" in err and 'prompt: "a cat" -> "a dog"' in err
+  assert (tmp_path / "o" / "seed7_0000.png").stat().st_mtime_ns == stamp
+  assert cli.main(dog + ["--overwrite"]) == 0
+  assert "2 of them redone" in capsys.readouterr().out
+  assert json.loads((tmp_path / "o" / "seed7_0001.json").read_text())["prompt"] == "a dog"
 
 
 @pytest.mark.parametrize("argv,message", [

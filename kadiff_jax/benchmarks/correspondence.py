@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from kadiff_jax.kadiff.correspondence import dift_correspondence, resize_bilinear, resize_nearest_mask
+from kadiff_jax.progress import step
 
 
 def reference_loop(f_ref, f_gen, mask, r, threshold=0.7):
@@ -54,9 +55,11 @@ def run(resolutions=(32, 64), channels: int = 1280, iters: int = 5) -> dict:
   for r in resolutions:
     fn = jax.jit(lambda a, b, m: dift_correspondence(a, b, m, r))
     args = tuple(jax.device_put(x) for x in (f_ref, f_gen, mask))
-    ours = _time(lambda: jax.block_until_ready(fn(*args)), iters)
-    loop = _time(lambda: reference_loop(f_ref, f_gen, mask, r), 1)
-    agree = float(np.mean(np.asarray(fn(*args).inject) == reference_loop(f_ref, f_gen, mask, r)))
+    with step("%dx%d grid: compiling and timing ours (%d calls)", r, r, iters):
+      ours = _time(lambda: jax.block_until_ready(fn(*args)), iters)
+    with step("%dx%d grid: timing the release's per-pixel loop (slow)", r, r):
+      loop = _time(lambda: reference_loop(f_ref, f_gen, mask, r), 1)
+      agree = float(np.mean(np.asarray(fn(*args).inject) == reference_loop(f_ref, f_gen, mask, r)))
     out[f"r{r}"] = {"ours_s": round(ours, 6), "loop_s": round(loop, 4), "speedup": round(loop / ours, 1),
                     "inject_agreement": agree}
   # Per denoising step with the default layers 44-70 at 1024 px: the reference recomputes the loop in each

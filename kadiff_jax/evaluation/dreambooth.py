@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from kadiff_jax.job import Job
 from kadiff_jax.kadiff import jobs as kjobs
@@ -147,7 +148,8 @@ def image_path(out_dir: Path, method: str, item_id: str) -> Path:
 
 
 def generate(models, adapter, items: Sequence[Item], options, out_dir: str | Path, *, mask: str | None = "auto",
-             methods: Sequence[str] = METHODS, batch_size: int | None = None, progress: bool = True) -> dict:
+             methods: Sequence[str] = METHODS, batch_size: int | None = None, progress: bool = True,
+             overwrite: bool = False) -> dict:
   """Generates every missing image of every method; returns {method: images generated now}."""
   unknown = set(methods) - set(METHODS)
   if unknown:
@@ -161,18 +163,19 @@ def generate(models, adapter, items: Sequence[Item], options, out_dir: str | Pat
     # one KA-Diff run writes ours and the IP-Adapter baseline from the same noise (baseline before ours,
     # so a finished job always has both)
     done = kjobs.run(models, adapter, jobs, dataclasses.replace(options, mode="kadiff"), out_dir / "images" / "kadiff",
-                     cache_dir=cache_dir, baseline=True, batch_size=batch_size, progress=progress)
-    counts["kadiff+baseline"] = len(done)
+                     cache_dir=cache_dir, baseline=True, batch_size=batch_size, progress=progress,
+                     overwrite=overwrite)
+    counts["kadiff+baseline"] = done.ran
   if "masactrl" in methods:
     done = kjobs.run(models, adapter, jobs, dataclasses.replace(options, mode="masactrl"),
                      out_dir / "images" / "masactrl", cache_dir=cache_dir, baseline=False, batch_size=batch_size,
-                     progress=progress)
-    counts["masactrl"] = len(done)
+                     progress=progress, overwrite=overwrite)
+    counts["masactrl"] = done.ran
   return counts
 
 
 def score(items: Sequence[Item], out_dir: str | Path, clip, dino, methods: Sequence[str] = METHODS,
-          batch: int = 16) -> list[dict]:
+          batch: int = 16, progress: bool = True) -> list[dict]:
   """Per-image rows: item fields, method, image path, clip_t, clip_i, dino (against the reference)."""
   out_dir = Path(out_dir)
   rows = []
@@ -184,6 +187,7 @@ def score(items: Sequence[Item], out_dir: str | Path, clip, dino, methods: Seque
   refs = sorted({it.reference for it in items})
   ref_clip = dict(zip(refs, clip.image_embeds(refs)))
   ref_dino = dict(zip(refs, dino.features(refs)))
+  bar = tqdm(total=len(pairs), unit="img", desc="scoring (CLIP-T, CLIP-I, DINO)", disable=not progress)
   for start in range(0, len(pairs), batch):
     chunk = pairs[start:start + batch]
     images = [image_path(out_dir, m, it.id) for it, m in chunk]
@@ -194,4 +198,6 @@ def score(items: Sequence[Item], out_dir: str | Path, clip, dino, methods: Seque
     for k, (it, m) in enumerate(chunk):
       rows.append({**dataclasses.asdict(it), "method": m, "image": str(images[k].relative_to(out_dir)),
                    "clip_t": float(clip_t[k]), "clip_i": float(clip_i[k]), "dino": float(dino_s[k])})
+    bar.update(len(chunk))
+  bar.close()
   return rows

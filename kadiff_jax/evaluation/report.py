@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 METRICS = ("clip_t", "clip_i", "dino")
 METRIC_NAMES = {"clip_t": "CLIP-T", "clip_i": "CLIP-I", "dino": "DINO"}
 METHOD_NAMES = {"kadiff": "KA-Diff (ours)", "baseline": "IP-Adapter", "masactrl": "MasaCtrl-style"}
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -65,15 +64,19 @@ def summary(rows: Sequence[dict]) -> dict[str, dict[str, tuple[float, float]]]:
   return {m: {k: _mean_sem([r[k] for r in rs]) for k in METRICS} for m, rs in by_method.items()}
 
 
-def markdown(rows: Sequence[dict], title: str = "DreamBooth evaluation") -> str:
+def markdown(rows: Sequence[dict], title: str = "DreamBooth evaluation", *, clip: str = "openai/clip-vit-base-patch32",
+             dino: str = "facebook/dino-vits16") -> str:
+  """The summary table; `clip` and `dino` name the metric models that scored it."""
   table = summary(rows)
   subjects = sorted({r["subject"] for r in rows})
   n = {m: sum(r["method"] == m for r in rows) for m in table}
   lines = [f"# {title}", "",
            f"{len(subjects)} subjects, {len({(r['subject'], r['prompt_index']) for r in rows})} subject-prompt "
            f"pairs, {len({r['seed'] for r in rows})} seed(s). Mean ± standard error over images. "
-           "CLIP-T = 2.5·max(cos(image, prompt), 0) with CLIP ViT-B/32; CLIP-I and DINO = cosine with the "
-           "subject's reference image (CLIP ViT-B/32, DINO ViT-S/16).", "",
+           f"CLIP-T = 2.5·max(cos(image, prompt), 0) with CLIP `{clip}`; CLIP-I and DINO = cosine with the "
+           f"subject's reference image (CLIP `{clip}`, DINO `{dino}`)."
+           + (" These are random tiny models: the numbers exercise the pipeline and mean nothing."
+              if "tiny" in (clip, dino) else ""), "",
            "| method | images | " + " | ".join(METRIC_NAMES[k] for k in METRICS) + " |",
            "|---|---|" + "---|" * len(METRICS)]
   for m, stats in table.items():
@@ -82,39 +85,13 @@ def markdown(rows: Sequence[dict], title: str = "DreamBooth evaluation") -> str:
   return "\n".join(lines) + "\n"
 
 
-def bar_chart(rows: Sequence[dict], width: int = 720, height: int = 360) -> np.ndarray:
+def bar_chart(rows: Sequence[dict], title: str = "DreamBooth evaluation") -> np.ndarray:
   """Grouped bars: one group per metric, one bar per method (mean, with a standard-error whisker)."""
-  table = summary(rows)
-  methods = list(table)
-  img = Image.new("RGB", (width, height), (255, 255, 255))
-  d = ImageDraw.Draw(img)
-  left, right, top, bottom = 50, width - 20, 30, height - 60
-  top_value = max(1.0, max(s[k][0] + s[k][1] for s in table.values() for k in METRICS))
-  lo_value = min(0.0, min(s[k][0] - s[k][1] for s in table.values() for k in METRICS))
-  y_of = lambda v: bottom - (v - lo_value) / (top_value - lo_value) * (bottom - top)
-  for frac in np.linspace(0, 1, 6):  # axis and grid
-    v = lo_value + frac * (top_value - lo_value)
-    d.line([(left, y_of(v)), (right, y_of(v))], fill=(225, 225, 225))
-    d.text((4, y_of(v) - 6), f"{v:.2f}", fill=(0, 0, 0))
-  d.line([(left, y_of(0)), (right, y_of(0))], fill=(0, 0, 0))
-  group_w = (right - left) / len(METRICS)
-  bar_w = group_w * 0.8 / max(len(methods), 1)
-  for g, k in enumerate(METRICS):
-    x0 = left + g * group_w + group_w * 0.1
-    for b, m in enumerate(methods):
-      mean, sem = table[m][k]
-      x = x0 + b * bar_w
-      colour = _COLOURS[b % len(_COLOURS)]
-      d.rectangle([x, min(y_of(mean), y_of(0)), x + bar_w - 3, max(y_of(mean), y_of(0))], fill=colour)
-      cx = x + (bar_w - 3) / 2
-      d.line([(cx, y_of(mean - sem)), (cx, y_of(mean + sem))], fill=(0, 0, 0), width=1)
-      d.text((x, y_of(max(mean, 0)) - 12), f"{mean:.3f}", fill=(0, 0, 0))
-    d.text((x0 + group_w * 0.3, bottom + 6), METRIC_NAMES[k], fill=(0, 0, 0))
-  for b, m in enumerate(methods):  # legend
-    x = left + b * 170
-    d.rectangle([x, height - 24, x + 12, height - 12], fill=_COLOURS[b % len(_COLOURS)])
-    d.text((x + 18, height - 25), METHOD_NAMES.get(m, m), fill=(0, 0, 0))
-  return np.asarray(img)
+  from kadiff_jax import plots
+  subjects = len({r["subject"] for r in rows})
+  return plots.grouped_bars(summary(rows), METRICS, title=f"{title}: {subjects} subject(s), {len(rows)} images",
+                            ylabel="score (mean ± standard error)", metric_names=METRIC_NAMES,
+                            method_names=METHOD_NAMES)
 
 
 PER_IMAGE_FIELDS = ("id", "subject", "cls", "prompt_index", "prompt", "seed", "method", "image", "clip_t", "clip_i",
@@ -122,7 +99,8 @@ PER_IMAGE_FIELDS = ("id", "subject", "cls", "prompt_index", "prompt", "seed", "m
 PER_SUBJECT_FIELDS = ("subject", "class", "method", "images", "clip_t", "clip_i", "dino")
 
 
-def write_reports(rows: Sequence[dict], out_dir: str | Path) -> dict[str, Path]:
+def write_reports(rows: Sequence[dict], out_dir: str | Path, *, clip: str = "openai/clip-vit-base-patch32",
+                  dino: str = "facebook/dino-vits16") -> dict[str, Path]:
   """per_image.csv, per_subject.csv, summary.md and chart.png in out_dir."""
   out_dir = Path(out_dir)
   if not rows:
@@ -131,7 +109,7 @@ def write_reports(rows: Sequence[dict], out_dir: str | Path) -> dict[str, Path]:
            "summary": out_dir / "summary.md", "chart": out_dir / "chart.png"}
   write_csv(paths["per_image"], rows, PER_IMAGE_FIELDS)
   write_csv(paths["per_subject"], per_subject(rows), PER_SUBJECT_FIELDS)
-  _write_atomic(paths["summary"], markdown(rows).encode())
+  _write_atomic(paths["summary"], markdown(rows, clip=clip, dino=dino).encode())
   buf = io.BytesIO()
   Image.fromarray(bar_chart(rows)).save(buf, format="PNG")
   _write_atomic(paths["chart"], buf.getvalue())

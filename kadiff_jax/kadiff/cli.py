@@ -18,18 +18,12 @@ def _options(args, **fixed) -> KADiffOptions:
   return config.build(KADiffOptions, args, **fixed)
 
 
-def _load(args, **fixed):
-  """(models, adapter, options resolved for the model, model options); bad options fail before loading."""
+def _pipeline(args, **fixed):
+  """(the API's KADiffPipeline, options resolved for its model); bad options fail before loading."""
+  from kadiff_jax.pipeline import KADiffPipeline
   options = _options(args, **fixed)
-  model_opts = config.build(ModelOptions, args)
-  models = model_opts.load()
-  adapter = model_opts.load_adapter(models, required=True)
-  return models, adapter, options.for_model(models), model_opts
-
-
-def _reference_dir(model_opts: ModelOptions) -> Path:
-  from kadiff_jax.weights.load import default_cache_dir
-  return (model_opts.cache_path or default_cache_dir()) / "references"
+  pipe = KADiffPipeline.from_options(config.build(ModelOptions, args))
+  return pipe, pipe.options(options)
 
 
 def generate_kadiff(args) -> None:
@@ -37,6 +31,7 @@ def generate_kadiff(args) -> None:
   from kadiff_jax.job import Job
   from kadiff_jax.kadiff import jobs as kjobs
   from kadiff_jax.kadiff import reference as R
+  from kadiff_jax.pipelines.cli import done_line
   options = _options(args)
   if args.jobs:
     if args.reference or args.prompt or args.reference_cache:
@@ -61,24 +56,22 @@ def generate_kadiff(args) -> None:
       cli_args.check_image(j.reference)
     cli_args.check_image(j.mask)
   init = cli_args.read_init_latents(args.init_latents, len(jobs))
-  models, adapter, options, model_opts = _load(args)
+  pipe, options = _pipeline(args)
   references = None
   if args.reference_cache:
-    prepared = R.from_cache_file(models, adapter, args.reference_cache, options)
+    prepared = R.from_cache_file(pipe.models, pipe.adapter, args.reference_cache, options)
     references = {(prepared.path, prepared.ref_prompt): prepared}
-  cli_args.write_config(args.out, args, model=model_opts, kadiff=options)
-  done = kjobs.run(models, adapter, jobs, options, args.out, cache_dir=_reference_dir(model_opts),
-                   baseline=args.baseline, batch_size=args.batch_size, init_latents=init,
-                   references=references)
-  print(f"wrote {len(done)} job(s) to {args.out} ({len(jobs) - len(done)} already done)")
+  cli_args.write_config(args.out, args, model=pipe.model_options, kadiff=options)
+  ran = pipe.write_jobs(jobs, args.out, options, baseline=args.baseline, overwrite=args.overwrite,
+                        batch_size=args.batch_size, init_latents=init, references=references)
+  print(done_line(args.out, ran.ran, ran.skipped, ran.redone))
 
 
 def _invert(args) -> None:
   from kadiff_jax.kadiff import reference as R
   cli_args.check_image(args.reference)
-  models, adapter, options, _ = _load(args)
-  prepared = R.prepare_reference(models, adapter, args.reference, args.ref_prompt, options,
-                                 auto_mask=args.auto_mask)
+  pipe, options = _pipeline(args)
+  prepared = pipe.invert(args.reference, args.ref_prompt, options, auto_mask=args.auto_mask)
   print(prepared.inversion.save(args.out))
 
 
@@ -89,13 +82,14 @@ def _visualize(args) -> None:
   cli_args.check_image(args.mask)
   if _options(args).mode != "kadiff":
     raise UsageError(f"--mode {args.mode}: visualize correspondence draws KA-Diff's injection (--mode kadiff)")
-  models, adapter, options, model_opts = _load(args)
+  pipe, options = _pipeline(args)
   job = Job(f"seed{args.seed}", args.prompt, args.seed, reference=args.reference, ref_prompt=args.ref_prompt,
             mask=args.mask)
   words = config.csv_tuple(args.words) if args.words else None
-  cli_args.write_config(args.out, args, model=model_opts, kadiff=options)
-  summary = figures.correspondence_figures(models, adapter, job, options, args.out, resolution=args.resolution,
-                                           step=args.step, words=words, cache_dir=_reference_dir(model_opts))
+  cli_args.write_config(args.out, args, model=pipe.model_options, kadiff=options)
+  summary = figures.correspondence_figures(pipe.models, pipe.adapter, job, options, args.out,
+                                           resolution=args.resolution, step=args.step, words=words,
+                                           cache_dir=pipe.reference_cache_dir())
   print(json.dumps({k: summary[k] for k in ("resolution", "step", "mask", "attention_words")}))
 
 
@@ -108,17 +102,18 @@ def _mask(args) -> None:
   from kadiff_jax.kadiff import visualize as V
   cli_args.check_image(args.reference)
   cli_args.check_image(args.compare)
-  models, adapter, options, model_opts = _load(args)
+  pipe, options = _pipeline(args)
   job = Job("mask", "", reference=args.reference, ref_prompt=args.ref_prompt, mask=kjobs.AUTO_MASK)
-  prepared = R.prepare_reference(models, adapter, args.reference, args.ref_prompt, options, auto_mask=True,
-                                 cache_dir=_reference_dir(model_opts))
-  m, record = kjobs.job_mask(job, prepared, models.tokenizer, options)
+  prepared = pipe.invert(args.reference, args.ref_prompt, options, auto_mask=True)
+  m, record = kjobs.job_mask(job, prepared, pipe.models.tokenizer, options)
   out = Path(args.out)
   image_io.write_png(out, np.repeat(m[..., None] * np.uint8(255), 3, -1), {"mask": json.dumps(record)})
+  from kadiff_jax import plots
   heat = CM.concept_heatmap(prepared.cross_attention, record["token_positions"], options.size)
-  image_io.write_png(out.with_name(out.stem + "_heatmap.png"),
-                     V.outline(V.heatmap_overlay(np.asarray(prepared.image), heat, size=options.size), m,
-                               (255, 255, 255)))
+  image_io.write_png(out.with_name(out.stem + "_heatmap.png"), plots.overlay_figure(
+      V.resize_square(np.asarray(prepared.image), options.size), heat, mask=m, colorbar="attention (normalised)",
+      title=f"Cross-attention of {', '.join(repr(w) for w in record['words'])}; mask (threshold "
+            f"{record.get('threshold', options.mask_threshold)}) outlined"))
   if args.compare:
     truth = R.load_mask(args.compare, options.size, options.mask_padding)
     union = np.logical_or(m, truth).sum()
@@ -145,16 +140,19 @@ def _run(args) -> None:
     cli_args.check_image(q.mask)
   _options(args)  # bad options fail before the index and models load
   retriever = open_retriever(args, rerank=args.rerank, expand=args.expand)
-  models, adapter, options, model_opts = _load(args)
-  cli_args.write_config(args.out, args, model=model_opts, kadiff=options)
-  summary = krun.run(models, adapter, retriever, queries, options, args.out, k=args.k, min_score=args.min_score,
-                     on_no_match=args.on_no_match, cache_dir=_reference_dir(model_opts),
-                     baseline=args.baseline, batch_size=args.batch_size)
+  pipe, options = _pipeline(args)
+  cli_args.write_config(args.out, args, model=pipe.model_options, kadiff=options)
+  summary = krun.run(pipe.models, pipe.adapter, retriever, queries, options, args.out, k=args.k,
+                     min_score=args.min_score, on_no_match=args.on_no_match, cache_dir=pipe.reference_cache_dir(),
+                     baseline=args.baseline, batch_size=args.batch_size, overwrite=args.overwrite)
+  for line in summary.pop("decisions"):
+    print(line)
   print(json.dumps(summary))
 
 
 def add_parsers(sub) -> None:
-  from kadiff_jax.pipelines.cli import add_common
+  from kadiff_jax.kadiff import run as run_defaults
+  from kadiff_jax.pipelines.cli import add_common, add_overwrite_arg
   from retrieval.cli import add_verify_arg, add_web_args
 
   inv = sub.add_parser("invert", help="DDIM-invert a reference into a cache file that `generate "
@@ -179,7 +177,9 @@ def add_parsers(sub) -> None:
   r.add_argument("--embedder", default=None)
   r.add_argument("--backend", choices=["scann", "exact"], default=None)
   add_verify_arg(r)
-  r.add_argument("--min-score", type=float, default=0.2, help="best dense score below this means no good match")
+  r.add_argument("--min-score", type=float, default=run_defaults.MIN_SCORE, help="best dense score below this is a "
+                 "weak match (recorded as weak_match; skipped unless --on-no-match top1); measured with "
+                 "`kadiff retrieve calibrate` on the bundled embedder")
   r.add_argument("--on-no-match", choices=["skip", "top1"], default="skip")
   r.add_argument("--seed", type=int, default=0)
   r.add_argument("--mask", default=None, help="concept mask for the chosen reference (white = concept); 'auto': "
@@ -187,6 +187,7 @@ def add_parsers(sub) -> None:
   r.add_argument("--baseline", action="store_true", help="also write the plain IP-Adapter image from the same "
                  "noise (costs a second pass)")
   add_common(r, KADiffOptions, group="KA-Diff")
+  add_overwrite_arg(r)
   add_web_args(r)
   cli_args.leaf(r, ("run",), _run)
 

@@ -38,6 +38,7 @@ from kadiff_jax.kadiff import concept_mask
 from kadiff_jax.kadiff.options import KADiffOptions, kadiff_scheduler
 from kadiff_jax.models import ip_adapter, unet, vae
 from kadiff_jax.pipelines import conditioning
+from kadiff_jax.progress import step
 from kadiff_jax.sampling import CFG, sample
 from kadiff_jax.weights.sdxl import SDXLModels
 
@@ -290,7 +291,9 @@ def prepare_references(models: SDXLModels, adapter: ip_adapter.IPAdapter, reques
   bs = batch_size or mesh.size
   for start in range(0, len(todo), bs):
     chunk = todo[start:start + bs]
-    results = _invert_batch(models, adapter, [partial[k] for k in chunk], options, auto_mask, mesh)
+    with step("inverting %d reference(s) (%d DDIM steps%s)", len(chunk), options.steps,
+              ", recording cross-attention" if auto_mask else ""):
+      results = _invert_batch(models, adapter, [partial[k] for k in chunk], options, auto_mask, mesh)
     for k, (lat, feat, attn) in zip(chunk, results):
       inversions[k] = Inversion(lat, feat, timesteps, {**manifests[k], "reference_path": partial[k].path}, attn)
       if paths[k] is not None and sharding.is_writer():

@@ -23,10 +23,16 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from kadiff_jax import records as records_lib
 from kadiff_jax.job import check_seed
 from kadiff_jax.outputs import OutputDir, check_id
 
 log = logging.getLogger(__name__)
+
+# The no-match threshold for the bundled all-MiniLM-L6-v2: `kadiff retrieve calibrate` on the DreamBooth index
+# puts 59 of its 60 queries' top-1 scores at or over 0.32 (min 0.290, p5 0.407) and 29 of 30 off-topic queries'
+# under it (p95 0.285, max 0.385).
+MIN_SCORE = 0.32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +92,23 @@ def read_queries(path: str | os.PathLike) -> list[Query]:
   return out
 
 
+def entity_mask_words(entry, ref_prompt: str) -> tuple[tuple[str, ...], str]:
+  """The words of `ref_prompt` that name the entity, for mask "auto": those of its title, else of its aliases,
+  found in the ref_prompt (not the caption's background: a teapot's tray stays out); with none, () and the
+  ref_prompt's own content words are used. Returns (words, where they came from)."""
+  from kadiff_jax.kadiff.concept_mask import FRAMING_WORDS
+  words = lambda text: re.findall(r"[\w'-]+", text.lower())  # as concept_mask.subject_positions splits words
+  in_prompt = set(words(ref_prompt))
+  for source, texts in (("title", [entry.title]), ("aliases", list(getattr(entry, "aliases", ()) or ()))):
+    found = []
+    for w in (w for text in texts for w in words(text)):
+      if w in in_prompt and w not in FRAMING_WORDS and w not in found:
+        found.append(w)
+    if found:
+      return tuple(found), source
+  return (), "ref_prompt"
+
+
 def ref_prompt_for(entry) -> tuple[str, str]:
   """(ref_prompt, where it came from) for a chosen corpus entry."""
   if entry.caption.strip():
@@ -94,9 +117,11 @@ def ref_prompt_for(entry) -> tuple[str, str]:
 
 
 def run(models, adapter, retriever, queries: Sequence[Query], options, out_dir: str | os.PathLike, *,
-        k: int = 5, min_score: float = 0.2, on_no_match: str = "skip", cache_dir: str | Path | None = None,
-        baseline: bool = False, batch_size: int | None = None, progress: bool = True) -> dict[str, Any]:
-  """Retrieves, generates and records every query; returns counts. Finished queries are skipped."""
+        k: int = 5, min_score: float = MIN_SCORE, on_no_match: str = "skip", cache_dir: str | Path | None = None,
+        baseline: bool = False, batch_size: int | None = None, progress: bool = True,
+        overwrite: bool = False) -> dict[str, Any]:
+  """Retrieves, generates and records every query; returns counts, and under "decisions" one line per query
+  naming the chosen reference (or why none). Finished queries are skipped."""
   from kadiff_jax import sharding
   from kadiff_jax.job import Job
   from kadiff_jax.kadiff import jobs as kjobs
@@ -105,43 +130,45 @@ def run(models, adapter, retriever, queries: Sequence[Query], options, out_dir: 
     raise ValueError(f"on_no_match = {on_no_match!r}; expected 'skip' or 'top1'")
   out = OutputDir(out_dir)
   records: dict[str, dict] = {}
-  jobs = []
+  jobs, decisions = [], []
   for q in queries:
     r = retriever.retrieve(q.concept, k)
-    record: dict[str, Any] = {"id": q.id, "prompt": q.prompt, "concept": q.concept, "seed": q.seed,
-                              "retrieval": r.to_json()}
+    record: dict[str, Any] = {"concept": q.concept, "retrieval": r.to_json()}
     top = r.candidates[0].score
     if top < min_score and on_no_match == "skip":
-      record["status"] = "no_match"
+      record.update(id=q.id, status="no_match", prompt=q.prompt, seed=q.seed)
       record["reason"] = f"best dense score {top:.3f} is under min_score {min_score}"
       log.warning("query %r: no good match (%s); skipped", q.concept, record["reason"])
       records[q.id] = record
+      decisions.append(f"{q.id}: no match for {q.concept!r} (best {r.candidates[0].entry.title!r} at {top:.3f} "
+                       f"< {min_score}); skipped")
       continue
     entry = r.chosen.entry
     ref_prompt, source = ref_prompt_for(entry)
-    record.update(status="done", weak_match=top < min_score,
+    mask_words, words_source = ((), None)
+    if q.mask == kjobs.AUTO_MASK and not options.mask_words:
+      mask_words, words_source = entity_mask_words(entry, ref_prompt)
+    record.update(weak_match=top < min_score,
                   chosen={"id": entry.id, "title": entry.title, "image": entry.image, "score": r.chosen.score},
-                  ref_prompt=ref_prompt, ref_prompt_source=source,
-                  mask=({"source": "auto"} if q.mask == kjobs.AUTO_MASK else {"source": "user", "path": q.mask})
-                  if q.mask else {"source": "none"},
-                  outputs={"ours": f"{q.id}.png", "grid": f"{q.id}_grid.png",
-                           **({"baseline": f"{q.id}_baseline.png"} if baseline else {})})
+                  ref_prompt_source=source, **({"mask_words_source": words_source} if words_source else {}))
     records[q.id] = record
-    jobs.append(Job(q.id, q.prompt, q.seed, reference=entry.image, ref_prompt=ref_prompt, mask=q.mask))
-  done = kjobs.run(models, adapter, jobs, options, out_dir, cache_dir=cache_dir, baseline=baseline,
-                   batch_size=batch_size, progress=progress) if jobs else {}
+    decisions.append(f"{q.id}: {q.concept!r} -> {entry.title!r} ({entry.id}, score {r.chosen.score:.3f}"
+                     + (", weak match" if top < min_score else "")
+                     + (f", re-ranked from {len(r.candidates)}" if r.decision is not None else "") + ")"
+                     + (f", mask words {list(mask_words)}" if mask_words else ""))
+    jobs.append(Job(q.id, q.prompt, q.seed, reference=entry.image, ref_prompt=ref_prompt, mask=q.mask,
+                    mask_words=mask_words))
+  ran = kjobs.run(models, adapter, jobs, options, out_dir, cache_dir=cache_dir, baseline=baseline,
+                  batch_size=batch_size, progress=progress, overwrite=overwrite,
+                  extra_fields={j.id: records[j.id] for j in jobs}) if jobs else None
   if sharding.is_writer():
-    resolved = dataclasses.asdict(options.for_model(models))
     for q in queries:
-      rec = records[q.id]
-      if rec["status"] == "done":
-        if q.id in done:
-          rec["mask"] = done[q.id]["mask"]
-        elif out.exists(f"{q.id}.json"):  # resumed: keep what the finished run recorded
-          rec["mask"] = json.loads(out.read_text(f"{q.id}.json")).get("mask", rec["mask"])
-        if rec["mask"]["source"] == "auto":
-          rec["outputs"]["mask"] = f"{q.id}_mask.png"
-        rec.update(options=resolved, model=str(models.source), ip_adapter=str(adapter.source))
-      out.write_text(f"{q.id}.json", json.dumps(rec, indent=1, default=str))
-  return {"queries": len(queries), "generated": len(done), "already_done": len(jobs) - len(done),
-          "no_match": sum(r["status"] == "no_match" for r in records.values())}
+      if records[q.id].get("status") != "no_match":
+        continue
+      if records_lib.read_record(out, q.id) is not None:  # images from an earlier run: keep them and their record
+        log.warning("query %s: no good match now, but %s holds its earlier images; left as they are", q.id, out)
+        continue
+      out.write_text(f"{q.id}.json", json.dumps(records[q.id], indent=1, default=str))
+  return {"queries": len(queries), "generated": ran.ran if ran else 0,
+          "already_done": len(ran.skipped) if ran else 0, "redone": len(ran.redone) if ran else 0,
+          "no_match": sum(r.get("status") == "no_match" for r in records.values()), "decisions": decisions}

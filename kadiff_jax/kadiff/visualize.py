@@ -1,36 +1,17 @@
-"""Pictures of what KA-Diff did: matches, matched distances, injected positions, cross-attention.
+"""Pixel-exact drawing of KA-Diff's matches (numpy + PIL); figures with axes and colour bars are in `plots`.
 
-Pure numpy + PIL drawing over the per-step correspondences that
-`generate.run_jobs(..., record=("correspondence",))` returns in `aux["correspondence"]`:
-
-- `matches_image`: reference | generated side by side; each drawn match is a
-  dot at its source pixel, a dot at its target pixel and a line between
-  them, coloured by the source's position (x to red, y to green), so a
-  coherent mapping shows as the same colour gradient on both sides.
-- `distance_panels`: the kept cosine distance per target pixel, one tile per
-  step (dark = close, bright = far, black = no source maps there), with the
-  injection threshold as a red contour.
-- `injected_panels`: per step, the injected target pixels (white) on the
-  generated image.
-- `heatmap_overlay`: a [0, 1] map blended over an image (cross-attention).
+`matches_image`: reference | generated side by side; each drawn match is a
+dot at its source pixel, a dot at its target pixel and a line between them,
+coloured by the source's position (x to red, y to green), so a coherent
+mapping shows as the same colour gradient on both sides. Drawn over the
+per-step correspondences that `generate.run_jobs(..., record=("correspondence",))`
+returns in `aux["correspondence"]`.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 from PIL import Image, ImageDraw
-
-_VIRIDIS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], np.float64)
-
-
-def colormap(values: np.ndarray) -> np.ndarray:
-  """[...] in [0, 1] -> [..., 3] uint8 along a viridis-like ramp (5 anchors, linear between)."""
-  v = np.clip(np.nan_to_num(np.asarray(values, np.float64), nan=0.0), 0, 1) * (len(_VIRIDIS) - 1)
-  i = np.minimum(np.floor(v).astype(int), len(_VIRIDIS) - 2)
-  f = (v - i)[..., None]
-  return ((1 - f) * _VIRIDIS[i] + f * _VIRIDIS[i + 1]).round().astype(np.uint8)
 
 
 def position_colour(index: np.ndarray, r: int) -> np.ndarray:
@@ -90,54 +71,3 @@ def outline(image: np.ndarray, mask: np.ndarray, colour=(255, 0, 0)) -> np.ndarr
   return out
 
 
-def heatmap_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55, size: int | None = None) -> np.ndarray:
-  """`heat` in [0, 1] (any square size) coloured and blended over `image`."""
-  size = size or image.shape[0]
-  base = resize_square(image, size).astype(np.float64)
-  h = np.asarray(Image.fromarray(np.asarray(heat, np.float32)).resize((size, size), Image.BILINEAR))
-  return ((1 - alpha) * base + alpha * colormap(h)).round().astype(np.uint8)
-
-
-def tile_grid(tiles: Sequence[np.ndarray], labels: Sequence[str], cols: int, pad: int = 4) -> np.ndarray:
-  """Tiles of one size in a grid, each with a label strip above it."""
-  h, w = tiles[0].shape[:2]
-  label_h = 14
-  rows = -(-len(tiles) // cols)
-  canvas = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + label_h + pad) + pad), (255, 255, 255))
-  draw = ImageDraw.Draw(canvas)
-  for k, (tile, label) in enumerate(zip(tiles, labels)):
-    x, y = pad + (k % cols) * (w + pad), pad + (k // cols) * (h + label_h + pad)
-    draw.text((x, y), label, fill=(0, 0, 0))
-    canvas.paste(Image.fromarray(np.asarray(tile)), (x, y + label_h))
-  return np.asarray(canvas)
-
-
-def distance_tile(distance: np.ndarray, r: int, threshold: float, size: int) -> np.ndarray:
-  """One step's kept distances [r*r] as a coloured tile: 0 dark ... 1+ bright, unmatched black."""
-  d = np.asarray(distance, np.float64).reshape(r, r)
-  matched = np.isfinite(d)
-  img = colormap(np.where(matched, d, 0.0))
-  img[~matched] = 0
-  tile = resize_square(img, size, nearest=True)
-  below = resize_square((matched & (d < threshold)).astype(np.uint8) * 255, size, nearest=True) > 127
-  return outline(tile, below, (255, 40, 40))
-
-
-def distance_panels(distances: np.ndarray, steps: Sequence[int], r: int, threshold: float,
-                    tile: int = 128, cols: int = 8) -> np.ndarray:
-  """Kept-distance tiles for the given steps (distances: [S, r*r])."""
-  return tile_grid([distance_tile(distances[s], r, threshold, tile) for s in steps],
-                   [f"step {s}" for s in steps], cols)
-
-
-def injected_panels(injects: np.ndarray, steps: Sequence[int], r: int, generated: np.ndarray,
-                    tile: int = 128, cols: int = 8) -> np.ndarray:
-  """Injected targets (white, over the dimmed generated image) for the given steps (injects: [S, r*r])."""
-  base = resize_square(generated, tile).astype(np.float64) * 0.35
-  tiles = []
-  for s in steps:
-    m = resize_square(np.asarray(injects[s], np.uint8).reshape(r, r) * 255, tile, nearest=True) > 127
-    t = base.copy()
-    t[m] = 255
-    tiles.append(t.astype(np.uint8))
-  return tile_grid(tiles, [f"step {s}: {int(np.sum(injects[s]))}" for s in steps], cols)

@@ -28,9 +28,12 @@ def _unit(x):
 
 
 class CLIPScorer:
+  """CLIP-T and CLIP-I with a CLIPModel folder, a Hub id, or "tiny" (a random one, made on first use)."""
+
   def __init__(self, model: str = DEFAULT_CLIP):
     from transformers import CLIPTokenizer
-    folder = files.resolve_model(model)
+    from kadiff_jax.tiny_model import tiny_part
+    folder = tiny_part("clip") if model == "tiny" else files.resolve_model(model)
     cfg = files.read_json(folder / "config.json")
     if "text_config" not in cfg or "vision_config" not in cfg:
       raise files.CheckpointNotFound(f"{folder}/config.json is not a CLIPModel config (needs text_config and "

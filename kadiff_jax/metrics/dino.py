@@ -18,8 +18,11 @@ DEFAULT_DINO = "facebook/dino-vits16"
 
 
 class DINOScorer:
+  """DINO CLS similarity with a ViTModel folder, a Hub id, or "tiny" (a random one, made on first use)."""
+
   def __init__(self, model: str = DEFAULT_DINO, resize: int = 256):
-    folder = files.resolve_model(model)
+    from kadiff_jax.tiny_model import tiny_part
+    folder = tiny_part("dino") if model == "tiny" else files.resolve_model(model)
     self.config = vit.ViTConfig.from_transformers(files.read_json(folder / "config.json"))
     state, _ = files.read_state_dict(folder)
     self.params = convert.torch_to_params(state, vit.init_shapes(self.config), component=f"DINO ViT {model}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from kadiff_jax import cli_args, config
 from kadiff_jax.cli_args import UsageError
@@ -11,6 +12,7 @@ from kadiff_jax.pipelines.text_to_image import GenerationOptions
 from kadiff_jax.sharding import DistributedOptions
 from kadiff_jax.weights.options import ModelOptions
 
+log = logging.getLogger("kadiff_jax")
 _T2I_ONLY = sorted({f for f in GenerationOptions.__dataclass_fields__} - set(KADiffOptions.__dataclass_fields__))
 _KADIFF_ONLY = sorted(set(KADiffOptions.__dataclass_fields__) - set(GenerationOptions.__dataclass_fields__)
                       - {"negative_prompt", "ip_scale"})
@@ -35,7 +37,8 @@ def _generate(args) -> None:
   opts = config.build(GenerationOptions, args)
   model_opts = config.build(ModelOptions, args)
   init = cli_args.read_init_latents(args.init_latents, args.num_images)
-  if bool(model_opts.ip_adapter) != bool(args.reference) or bool(model_opts.image_encoder) != bool(args.reference):
+  encoder = model_opts.image_encoder or (model_opts.ip_adapter == "tiny")  # the tiny adapter brings its encoder
+  if bool(model_opts.ip_adapter) != bool(args.reference) or bool(encoder) != bool(args.reference):
     raise UsageError("--ip-adapter, --image-encoder and --reference go together (got "
                      f"ip_adapter={model_opts.ip_adapter!r}, image_encoder={model_opts.image_encoder!r}, "
                      f"reference={args.reference!r})")
@@ -44,14 +47,41 @@ def _generate(args) -> None:
   adapter = model_opts.load_adapter(models, required=False)
   jobs = [Job.numbered(args.prompt, args.seed, i, negative_prompt=args.negative_prompt, reference=args.reference,
                        ip_scale=args.ip_scale) for i in range(args.num_images)]
+  from kadiff_jax import records
+  from kadiff_jax.outputs import OutputDir
+  inputs = [t2i.job_inputs(j, models, opts, adapter, None if init is None else init[i]) for i, j in enumerate(jobs)]
+  resume = records.plan_resume(OutputDir(args.out), [j.id for j in jobs], inputs, overwrite=args.overwrite)
+  if resume.done or resume.redo:
+    log.info("%s: %s", args.out, resume.describe())
+  todo = [jobs[i] for i in resume.todo]
   cli_args.write_config(args.out, args, model=model_opts, generation=opts)
-  t2i.generate(models, jobs, opts, args.out, init_latents=init, batch_size=args.batch_size, adapter=adapter)
-  print(f"wrote {len(jobs)} image(s) to {args.out}")
+  if todo:
+    t2i.generate(models, todo, opts, args.out, init_latents=None if init is None else init[resume.todo],
+                 batch_size=args.batch_size, adapter=adapter,
+                 records={j.id: records.record(j.id, inputs[i], prompt=j.prompt, seed=j.seed, index=j.index,
+                                               reference=j.reference, outputs={"image": f"{j.id}.png"})
+                          for i, j in zip(resume.todo, todo)})
+  print(done_line(args.out, len(todo), resume.done, resume.redo))
+
+
+def done_line(out, ran: int, skipped, redone) -> str:
+  """What a generate command did, in one line: written, skipped (already done) and redone."""
+  again = f", {len(redone)} of them redone with new inputs" if redone else ""
+  return f"wrote {ran} job(s) to {out}{again} ({len(skipped)} already done)"
 
 
 def _make_tiny(args) -> None:
-  from kadiff_jax.tiny_model import make_tiny_model
-  print(make_tiny_model(args.dir, args.seed))
+  from pathlib import Path
+  from kadiff_jax import tiny_model
+  print(tiny_model.make_tiny_model(args.dir, args.seed))
+  base = Path(args.dir)
+  for name, make in tiny_model.TINY_PARTS.items():
+    print(make(base.with_name(f"{base.name}-{name}"), args.seed))
+  try:
+    from retrieval.tiny_mllm import make_tiny_mllm
+    print(make_tiny_mllm(base.with_name(f"{base.name}-mllm"), args.seed))
+  except ImportError:
+    log.warning("no tiny re-ranker written: it needs the rerank extra (pip install 'kadiff-jax[rerank]')")
 
 
 def add_common(p: argparse.ArgumentParser, *classes, group: str | None = None) -> None:
@@ -61,7 +91,12 @@ def add_common(p: argparse.ArgumentParser, *classes, group: str | None = None) -
   config.add_options(p, *classes, group=group)
   config.add_options(p, DistributedOptions, group="multi-process")
   p.add_argument("--batch-size", type=int, default=None, help="images per batch (default: up to 8 per run; "
-                 "KA-Diff: 1)")
+                 "KA-Diff: as many groups of 8 as fit the device)")
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--overwrite", action="store_true", help="redo jobs whose outputs in --out were made from other "
+                 "inputs (default: refuse, naming them); jobs whose outputs match are always skipped")
 
 
 def add_parsers(sub) -> None:
@@ -81,9 +116,12 @@ def add_parsers(sub) -> None:
   k.add_argument("--jobs", default=None, help="JSONL or TSV of jobs: id, prompt, reference, mask, ref_prompt, seed")
   k.add_argument("--baseline", action="store_true", help="also write the plain IP-Adapter image from the same "
                  "noise (ID_baseline.png, and in the grid); costs a second pass")
+  add_overwrite_arg(g)
   cli_args.leaf(g, ("generate",), _generate)
 
-  t = sub.add_parser("make-tiny-model", help="write a tiny random SDXL pipeline in diffusers format")
+  t = sub.add_parser("make-tiny-model", help="write a tiny random SDXL pipeline in diffusers format to DIR, and "
+                     "tiny CLIP, DINO and LLaVA-OneVision models to DIR-clip, DIR-dino, DIR-mllm (what 'tiny' "
+                     "names for --clip, --dino and --rerank, which make their own in the cache)")
   t.add_argument("dir")
   t.add_argument("--seed", type=int, default=0)
   cli_args.leaf(t, ("make-tiny-model",), _make_tiny)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from typing import Any, Sequence
 
 import jax
@@ -161,14 +162,32 @@ def run_batch(models: SDXLModels, batch: Batch, options: GenerationOptions, mesh
   return sharding.to_host(latents)[:n], sharding.to_host(images)[:n]
 
 
+def job_inputs(job: Job, models: SDXLModels, options: GenerationOptions, adapter: ip_adapter.IPAdapter | None = None,
+               init_latents: np.ndarray | None = None) -> dict:
+  """Everything that decides a text-to-image (or IP-Adapter) job's pixels: its record's fingerprinted inputs."""
+  from kadiff_jax import records
+  h, w = options.size(models)
+  uses_adapter = adapter is not None and job.reference
+  return {"model": str(models.source), "dtype": str(jax.tree_util.tree_leaves(models.unet_params)[0].dtype),
+          "options": {**dataclasses.asdict(options), "height": h, "width": w}, "prompt": job.prompt,
+          "negative_prompt": job.negative_prompt, "seed": job.seed, "index": job.index,
+          "ip_adapter": adapter.source if uses_adapter else None,
+          "reference_sha256": records.array_sha256(np.asarray(image_io.load_rgb(job.reference)))
+          if uses_adapter else None,
+          "ip_scale": (adapter.default_scale if job.ip_scale is None else job.ip_scale) if uses_adapter else None,
+          "init_latents_sha256": None if init_latents is None else records.array_sha256(init_latents)}
+
+
 def generate(models: SDXLModels, jobs: Sequence[Job], options: GenerationOptions, out_dir=None, *,
              init_latents: np.ndarray | None = None, batch_size: int | None = None, mesh=None,
              progress: bool = True, extra_metadata: dict[str, Any] | None = None,
-             adapter: ip_adapter.IPAdapter | None = None) -> tuple[np.ndarray, np.ndarray]:
+             adapter: ip_adapter.IPAdapter | None = None,
+             records: dict[str, dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Generates every job (batched, data-parallel), writing PNGs to `out_dir` if given.
 
   `init_latents` [N, h, w, C] replaces the seeded noise (NHWC). With `adapter`,
   jobs with a `reference` are conditioned on it through the IP-Adapter.
+  `records` ({id: record}) are written as `{id}.json` after each job's PNG.
   Returns (latents, uint8 images).
   """
   if adapter is None and any(j.reference for j in jobs):
@@ -205,6 +224,8 @@ def generate(models: SDXLModels, jobs: Sequence[Job], options: GenerationOptions
                 "kadiff": {"model": str(models.source), **dataclasses.asdict(options),
                                                   "height": h, "width": w, **(extra_metadata or {})}}
         out.write_bytes(f"{j.id}.png", image_io.png_bytes(img, meta))
+        if records and j.id in records:
+          out.write_text(f"{j.id}.json", json.dumps(records[j.id], indent=1, default=str))
     all_latents.append(latents)
     all_images.append(images)
     bar.update(len(chunk))

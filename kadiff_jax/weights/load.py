@@ -48,7 +48,11 @@ CLIP_TEXT = ComponentSpec("text_encoder", renames=((r"^text_model\.", ""),), ign
 
 
 def default_cache_dir() -> Path:
-  return Path(os.environ.get("KADIFF_CACHE", Path.home() / ".cache" / "kadiff_jax"))
+  """The one cache root (converted params, XLA programs, references, tiny models, web pages): $KADIFF_CACHE,
+  else $XDG_CACHE_HOME/kadiff_jax, else ~/.cache/kadiff_jax."""
+  if os.environ.get("KADIFF_CACHE"):
+    return Path(os.environ["KADIFF_CACHE"]).expanduser()
+  return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "kadiff_jax"
 
 
 @functools.lru_cache(maxsize=1)
@@ -136,7 +140,7 @@ def save_component(folder: Path, state: dict[str, np.ndarray], config: dict, *,
   """Writes a torch-named state dict as fp32 safetensors plus `config.json` (each file atomically)."""
   from safetensors.numpy import save_file
   folder.mkdir(parents=True, exist_ok=True)
-  state = {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()}
+  state = {k: np.array(v, np.float32, order="C") for k, v in state.items()}  # 0-d stays 0-d
   _atomic(folder / weights_name, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
   _atomic(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
 

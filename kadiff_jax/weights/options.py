@@ -18,11 +18,11 @@ class ModelOptions:
                       "model, written to the cache on first use)")
   variant: str | None = option(None, "weight file variant, e.g. fp16")
   dtype: str = option("fp32", "compute and weight dtype of the UNet and text encoders", choices=tuple(DTYPES))
-  ip_adapter: str | None = option(None, "IP-Adapter file (.safetensors or .bin), Plus or base; the tiny model "
-                                  "carries its own")
+  ip_adapter: str | None = option(None, "IP-Adapter file (.safetensors or .bin), Plus or base; 'tiny': the tiny "
+                                  "model's own (KA-Diff modes use it without asking)")
   image_encoder: str | None = option(None, "the IP-Adapter's CLIP image encoder folder")
-  cache_dir: str | None = option(None, "converted-params cache and the tiny model (default $KADIFF_CACHE or "
-                                 "~/.cache/kadiff_jax)")
+  cache_dir: str | None = option(None, "the cache root: converted params, references, tiny "
+                                 "models (default $KADIFF_CACHE, else $XDG_CACHE_HOME/kadiff_jax)")
 
   def __post_init__(self):
     if self.dtype not in DTYPES:
@@ -34,19 +34,27 @@ class ModelOptions:
 
   def load(self):
     """The SDXL pipeline these options name."""
+    from kadiff_jax.progress import step
     from kadiff_jax.weights.sdxl import load_sdxl
-    return load_sdxl(self.model, dtype=DTYPES[self.dtype], variant=self.variant, cache_dir=self.cache_path)
+    with step("loading the SDXL pipeline %s (%s)", self.model, self.dtype):
+      return load_sdxl(self.model, dtype=DTYPES[self.dtype], variant=self.variant, cache_dir=self.cache_path)
 
   def load_adapter(self, models, *, required: bool):
     """The IP-Adapter (the tiny model's own when none is named); None when not named and not required."""
     from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
     from kadiff_jax.weights.ip_adapter import load_ip_adapter
     ip, enc = self.ip_adapter, self.image_encoder
-    if ip is None and required and (models.source / TINY_IP_ADAPTER).is_file():
-      ip, enc = models.source / TINY_IP_ADAPTER, models.source / TINY_IMAGE_ENCODER
+    if ip == "tiny" or (ip is None and required and (models.source / TINY_IP_ADAPTER).is_file()):
+      if not (models.source / TINY_IP_ADAPTER).is_file():
+        raise ValueError(f"ip_adapter 'tiny' is the tiny model's own adapter; model {self.model!r} has none "
+                         "(use it with --model tiny)")
+      ip, enc = models.source / TINY_IP_ADAPTER, (models.source / TINY_IMAGE_ENCODER if enc in (None, "tiny")
+                                                  else enc)
     if ip is None and enc is None and not required:
       return None
     if ip is None or enc is None:
       raise ValueError("an IP-Adapter needs both ip_adapter (--ip-adapter FILE) and image_encoder "
                        f"(--image-encoder DIR); got ip_adapter={ip!r}, image_encoder={enc!r}")
-    return load_ip_adapter(ip, enc, models.unet_config, cache_dir=self.cache_path)
+    from kadiff_jax.progress import step
+    with step("loading the IP-Adapter %s", Path(ip).name):
+      return load_ip_adapter(ip, enc, models.unet_config, cache_dir=self.cache_path)
