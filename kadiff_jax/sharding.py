@@ -80,14 +80,15 @@ def pad_rows(rows, n: int, padded: int, per_item: int = 1):
   """Pads a batch of n items (per_item consecutive rows each) to `padded` items by repeating the last."""
   if padded == n:
     return rows
-  return jnp.concatenate([rows] + [rows[-per_item:]] * (padded - n))
+  xp = jnp if isinstance(rows, jax.Array) else np  # host rows stay on the host until placed
+  return xp.concatenate([rows] + [rows[-per_item:]] * (padded - n))
 
 
 def shard_jobs(tree, mesh: Mesh, n: int, rows_per_job: int = 1):
   """Pads every leaf (leading axis: n jobs of `rows_per_job` rows each) to whole jobs for the mesh, placed."""
   padded = padded_size(n, mesh)
-  return shard_batch(jax.tree_util.tree_map(lambda a: pad_rows(jnp.asarray(a), n, padded, rows_per_job), tree),
-                     mesh)
+  as_array = lambda a: a if isinstance(a, (jax.Array, np.ndarray)) else np.asarray(a)
+  return shard_batch(jax.tree_util.tree_map(lambda a: pad_rows(as_array(a), n, padded, rows_per_job), tree), mesh)
 
 
 def place_hook_inputs(hook_args: dict, mesh: Mesh, n: int, rows_per_job: int) -> dict:

@@ -59,3 +59,20 @@ def test_prefixed_names_of_real_sdxl_repos_load(tiny_dir):
   with torch.no_grad():
     ref = tm(torch.tensor(ids), output_hidden_states=True).hidden_states[-2].numpy()
   assert max_rel_err(clip_text.encode(params, jnp.asarray(ids), config=cfg).hidden_states[-2], ref) < 1e-5
+
+
+@pytest.mark.parametrize("folder", ["tokenizer", "tokenizer_2"])
+def test_clip_tokenizer_matches_transformers(tiny_dir, folder):
+  """Our tokenizers-only CLIPTokenizer gives transformers' ids: padded batches, truncation, single words."""
+  from transformers import CLIPTokenizer as Reference
+  from kadiff_jax.clip_tokenizer import CLIPTokenizer
+  ref, ours = Reference.from_pretrained(str(tiny_dir / folder)), CLIPTokenizer(tiny_dir / folder)
+  texts = ["a photo of a dog", "hello!", "Hello, World!!  tabs\tand\nnewlines", "it's the dog's bowl, isn't it",
+           "café naïve ÉCOLE", "123 4567 3.14", "emoji 🐶🎉 and 漢字", "", "<|endoftext|> inside", "x " * 100,
+           "a!b!c", "don\u2019t", "monochrome, lowres, bad anatomy, worst quality, low quality"]
+  kw = dict(padding="max_length", max_length=77, truncation=True, return_tensors="np")
+  np.testing.assert_array_equal(ours(texts, **kw)["input_ids"], ref(texts, **kw)["input_ids"])
+  for word in ("dog", "hello!", "café", "chow", "'s"):
+    assert ours(word, add_special_tokens=False)["input_ids"] == ref(word, add_special_tokens=False)["input_ids"]
+  assert ours.model_max_length == ref.model_max_length == 77
+  assert ours.decode(ours("a photo of a dog")["input_ids"][1:-1]) == "a photo of a dog"

@@ -252,3 +252,9 @@ def test_cli_ip_adapter(tmp_path, tiny_dir, capsys):
   assert meta["ip_scale"] == "0.8" and meta["reference"].endswith("ref.png")
   assert cli.main(args[:-6] + ["--reference", str(tmp_path / "ref.png")]) == 2
   assert "go together" in capsys.readouterr().err
+  # `--ip-adapter tiny` names the tiny model's own adapter and encoder: the same image as the explicit paths
+  named = args[:9] + ["--ip-adapter", "tiny", "--reference", str(tmp_path / "ref.png"), "--ip-scale", "0.8"]
+  named[named.index("--out") + 1] = str(tmp_path / "named")
+  assert cli.main(named) == 0
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "named" / "seed0_0000.png")),
+                                np.asarray(Image.open(tmp_path / "o" / "seed0_0000.png")))

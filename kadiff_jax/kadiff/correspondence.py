@@ -18,7 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kadiff_jax.programs import serializable
 
+
+@serializable
 class Correspondence(NamedTuple):
   source: jax.Array    # [r*r] int32: matched reference pixel for each target (0 where unmatched)
   inject: jax.Array    # [r*r] bool: matched and distance < threshold

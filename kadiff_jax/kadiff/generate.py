@@ -16,7 +16,6 @@ steps are traced, one per job, so changing them never recompiles.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kadiff_jax import image_io, sharding
+from kadiff_jax.programs import persistent_jit
 from kadiff_jax.job import Job
 from kadiff_jax.kadiff import correspondence as corr_lib
 from kadiff_jax.kadiff.grouping import GroupPlan, plan_groups
@@ -54,8 +54,8 @@ def _empty_corr(b: int, r: int) -> corr_lib.Correspondence:
   return corr_lib.Correspondence(jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), bool), jnp.full((b, n), jnp.inf))
 
 
-@functools.partial(jax.jit, static_argnames=("unet_config", "steps", "mode", "layout", "selector", "inject",
-                                             "resolutions", "dtype", "upcast", "record"))
+@persistent_jit(static_argnames=("unet_config", "steps", "mode", "layout", "selector", "inject", "resolutions",
+                                 "dtype", "upcast", "record"))
 def kadiff_denoise(unet_params, noise, trajectory, ref_features, masks, cond, guidance, hook_args, thresholds,
                    inject_steps, *, unet_config, steps, mode, layout, selector, inject, resolutions, dtype, upcast,
                    record=()):
@@ -123,12 +123,13 @@ def _conditioning(models: SDXLModels, adapter, slots: Sequence[GenerationItem], 
   from the job's prompt, ref rows from the prepared reference; uncond rows from the negative prompt; every row
   gets the reference's tokens."""
   n = len(slots)
-  gen = conditioning.encode_prompts(models, [it.job.prompt for it in slots])
-  neg = conditioning.encode_prompts(models, [options.negative_prompt] * n)
-  ref_embeds = jnp.asarray(np.stack([it.reference.embeds for it in slots]))
-  ref_pooled = jnp.asarray(np.stack([it.reference.pooled for it in slots]))
-  tok_c = jnp.asarray(np.stack([it.reference.ip_tokens for it in slots]))
-  tok_u = jnp.asarray(np.stack([it.reference.ip_uncond for it in slots]))
+  # rows are assembled on the host (numpy) and placed once, so no small device programs run per batch
+  gen = jax.tree_util.tree_map(np.asarray, conditioning.encode_prompts(models, [it.job.prompt for it in slots]))
+  neg = jax.tree_util.tree_map(np.asarray, conditioning.encode_prompts(models, [options.negative_prompt] * n))
+  ref_embeds = np.stack([it.reference.embeds for it in slots])
+  ref_pooled = np.stack([it.reference.pooled for it in slots])
+  tok_c = np.stack([it.reference.ip_tokens for it in slots])
+  tok_u = np.stack([it.reference.ip_uncond for it in slots])
   per_role = {"uncond_gen": (neg.embeds, neg.pooled, tok_u), "uncond_ref": (neg.embeds, neg.pooled, tok_u),
               "cond_gen": (gen.embeds, gen.pooled, tok_c), "cond_ref": (ref_embeds, ref_pooled, tok_c)}
   pick = lambda k: layout.assemble({role: per_role[role][k] for role in layout.roles})

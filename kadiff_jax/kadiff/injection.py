@@ -18,9 +18,11 @@ import jax.numpy as jnp
 
 from kadiff_jax.kadiff.correspondence import Correspondence
 from kadiff_jax.models.attention import AttentionCall, AttentionSite, LayerSelector
+from kadiff_jax.programs import serializable
 from kadiff_jax.sampling.layout import KADIFF, RowLayout
 
 
+@serializable
 class InjectionArgs(NamedTuple):
   active: jax.Array                          # [B] bool: inject into job b at this step (B = groups * group)
   correspondence: dict[int, Correspondence]  # per grid side r: [B, r*r] fields (empty for MasaCtrl)

@@ -186,8 +186,9 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
   out = OutputDir(out_dir)
   cache_dir = Path(cache_dir) if cache_dir else None
   digests = {str(path): reference_digest(p.image) for (path, _), p in (references or {}).items()}
+  mask_digests: dict[str, str] = {}
   inputs = [job_inputs(j, models, adapter, options, reference_sha256=reference_digest(j.reference, digests),
-                       mask=mask_input(j, digests), baseline=baseline,
+                       mask=mask_input(j, mask_digests), baseline=baseline,
                        init_latents=None if init_latents is None else init_latents[i])
             for i, j in enumerate(jobs)]
   resume = records.plan_resume(out, [j.id for j in jobs], inputs, overwrite=overwrite)

@@ -19,7 +19,6 @@ by name; an unreadable one is inverted again with a warning.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from kadiff_jax import image_io, sharding
+from kadiff_jax.programs import persistent_jit
 from kadiff_jax.kadiff import concept_mask
 from kadiff_jax.kadiff.options import KADiffOptions, kadiff_scheduler
 from kadiff_jax.models import ip_adapter, unet, vae
@@ -169,8 +169,8 @@ def ip_scale(adapter, options: KADiffOptions) -> float:
   return adapter.default_scale if options.ip_scale is None else float(options.ip_scale)
 
 
-@functools.partial(jax.jit, static_argnames=("unet_config", "vae_config", "scheduler", "num_steps", "dtype",
-                                             "hooks", "vae_dtype", "cross_attention"))
+@persistent_jit(static_argnames=("unet_config", "vae_config", "scheduler", "num_steps", "dtype", "hooks",
+                                 "vae_dtype", "cross_attention"))
 def _invert(unet_params, vae_params, pixels, cond, guidance, hook_args, *, unet_config, vae_config, scheduler,
             num_steps, dtype, hooks, vae_dtype, cross_attention: bool):
   """Encodes [B, H, W, 3] and inverts it; returns (latents [B, S+1, ...], features [B, S, ...]) in inversion

@@ -31,7 +31,7 @@ class CLIPScorer:
   """CLIP-T and CLIP-I with a CLIPModel folder, a Hub id, or "tiny" (a random one, made on first use)."""
 
   def __init__(self, model: str = DEFAULT_CLIP):
-    from transformers import CLIPTokenizer
+    from kadiff_jax.clip_tokenizer import CLIPTokenizer
     from kadiff_jax.tiny_model import tiny_part
     folder = tiny_part("clip") if model == "tiny" else files.resolve_model(model)
     cfg = files.read_json(folder / "config.json")
@@ -52,7 +52,7 @@ class CLIPScorer:
         state, clip_vision.init_shapes(self.vision_config), component=f"CLIP vision tower of {model}",
         renames=[(r"^vision_model\.", "")], ignore=[r"^text_model\.", r"^text_projection\.", r"^logit_scale$",
                                                     r"position_ids$"])
-    self.tokenizer = CLIPTokenizer.from_pretrained(folder)
+    self.tokenizer = CLIPTokenizer(folder)
     tc, vc = self.text_config, self.vision_config
     self._text = jax.jit(lambda p, ids: _unit(clip_text.encode(p, ids, config=tc).text_embeds))
     self._image = jax.jit(lambda p, px: _unit(clip_vision.encode(p, px, config=vc).image_embeds))

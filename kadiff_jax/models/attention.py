@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kadiff_jax.programs import serializable
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSite:
@@ -70,6 +72,7 @@ class AttentionCall(NamedTuple):
 Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+@serializable
 class HookInputs(NamedTuple):
   """A hook's traced inputs, split by how they follow the batch.
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from kadiff_jax.models import layers
 from kadiff_jax.models.config_util import TRANSFORMERS_GENERIC_FIELDS, ConfigError, read_fields
+from kadiff_jax.programs import serializable
 
 _ACTS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
          "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
@@ -80,6 +81,7 @@ def tiny(projection: bool = False, vocab_size: int = 1000) -> CLIPTextConfig:
                         projection_dim=32 if projection else None)
 
 
+@serializable
 class TextOutput(NamedTuple):
   hidden_states: tuple[jax.Array, ...]  # num_layers + 1 entries of [B, L, D]
   last_hidden_state: jax.Array          # [B, L, D] after final_layer_norm

@@ -19,6 +19,7 @@ from PIL import Image
 from kadiff_jax.models import layers
 from kadiff_jax.models.clip_text import Encoder
 from kadiff_jax.models.config_util import TRANSFORMERS_GENERIC_FIELDS, ConfigError, read_fields
+from kadiff_jax.programs import serializable
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,6 +85,7 @@ def tiny() -> CLIPVisionConfig:
                           image_size=32, patch_size=8, projection_dim=32)
 
 
+@serializable
 class VisionOutput(NamedTuple):
   hidden_states: tuple[jax.Array, ...]  # num_layers + 1 entries of [B, T, D] (T = patches + 1)
   last_hidden_state: jax.Array          # [B, T, D]

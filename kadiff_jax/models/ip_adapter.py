@@ -22,8 +22,10 @@ import numpy as np
 
 from kadiff_jax.models import clip_vision, image_proj
 from kadiff_jax.models.attention import AttentionCall, AttentionSite, HookInputs, dot_product_attention
+from kadiff_jax.programs import persistent_jit, serializable
 
 
+@serializable
 class IPAdapterRows(NamedTuple):
   tokens: jax.Array  # [rows, num_tokens, C_ctx] image tokens of each UNet row
   scale: jax.Array   # [rows]
@@ -83,21 +85,27 @@ class IPAdapter:
     return self.proj_config.num_queries if self.plus else self.proj_config.num_tokens
 
 
-def _features(adapter: IPAdapter, pixels):
-  out = clip_vision.encode(adapter.encoder_params, pixels, config=adapter.encoder_config)
-  return out.hidden_states[-2] if adapter.plus else out.image_embeds
-
-
-@jax.jit
 def image_tokens(adapter: IPAdapter, pixels) -> tuple[jax.Array, jax.Array]:
   """(cond, uncond) image tokens [B, num_tokens, C] for preprocessed pixels [B, S, S, 3].
 
   The unconditional tokens come from an all-zero pixel tensor (Plus) or an
   all-zero image embedding (base), as the IP-Adapter release does.
   """
-  feats = _features(adapter, pixels)
-  uncond = _features(adapter, jnp.zeros_like(pixels)) if adapter.plus else jnp.zeros_like(feats)
-  proj = lambda f: image_proj.project(adapter.proj_params, f, config=adapter.proj_config)
+  return _image_tokens(adapter.encoder_params, adapter.proj_params, pixels, encoder_config=adapter.encoder_config,
+                       proj_config=adapter.proj_config)
+
+
+@persistent_jit(static_argnames=("encoder_config", "proj_config"))
+def _image_tokens(encoder_params, proj_params, pixels, *, encoder_config, proj_config):
+  plus = isinstance(proj_config, image_proj.ResamplerConfig)
+
+  def features(px):
+    out = clip_vision.encode(encoder_params, px, config=encoder_config)
+    return out.hidden_states[-2] if plus else out.image_embeds
+
+  feats = features(pixels)
+  uncond = features(jnp.zeros_like(pixels)) if plus else jnp.zeros_like(feats)
+  proj = lambda f: image_proj.project(proj_params, f, config=proj_config)
   return proj(feats), proj(uncond)
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from kadiff_jax.models import layers
 from kadiff_jax.models.attention import Attention, AttentionSite
 from kadiff_jax.models.config_util import ConfigError, read_fields
+from kadiff_jax.programs import serializable
 
 _DOWN_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 _UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -182,6 +183,7 @@ def tiny_sdxl() -> UNetConfig:
       addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8)
 
 
+@serializable
 class UNetCond(NamedTuple):
   """UNet conditioning: text tokens, and SDXL's pooled text + time ids."""
 

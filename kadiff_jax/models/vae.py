@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from kadiff_jax.models import layers
 from kadiff_jax.models.config_util import ConfigError, read_fields
+from kadiff_jax.programs import serializable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +169,7 @@ class Decoder(nn.Module):
     return layers.conv(cfg.out_channels, 3, dtype=dt, name="conv_out")(h)
 
 
+@serializable
 class Posterior(NamedTuple):
   """Diagonal Gaussian over unscaled latents, [B, h, w, latent_channels]."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -10,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from kadiff_jax.models import clip_text
+from kadiff_jax.programs import persistent_jit, serializable
 from kadiff_jax.weights.sdxl import SDXLModels
 
 
+@serializable
 class PromptEmbeds(NamedTuple):
   embeds: jax.Array   # [B, 77, D1 + D2]: penultimate hidden states of both encoders
   pooled: jax.Array   # [B, projection_dim]: text_encoder_2's projected EOS state
@@ -25,7 +26,7 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> np.ndarray:
   return np.asarray(out["input_ids"], np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "config_2"))
+@persistent_jit(static_argnames=("config", "config_2"))
 def _encode(params, params_2, ids, ids_2, *, config, config_2) -> PromptEmbeds:
   o1 = clip_text.encode(params, ids, config=config, dtype=jax.tree_util.tree_leaves(params)[0].dtype)
   o2 = clip_text.encode(params_2, ids_2, config=config_2, dtype=jax.tree_util.tree_leaves(params_2)[0].dtype)
@@ -47,7 +48,7 @@ def encode_negative(models: SDXLModels, negative_prompts: Sequence[str | None], 
   return encode_prompts(models, [p or "" for p in negative_prompts])
 
 
-def time_ids(height: int, width: int, batch: int, crop=(0, 0), original=None) -> jax.Array:
-  """SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w), [B, 6]."""
+def time_ids(height: int, width: int, batch: int, crop=(0, 0), original=None) -> np.ndarray:
+  """SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w), [B, 6] (host array)."""
   oh, ow = original or (height, width)
-  return jnp.tile(jnp.array([[oh, ow, crop[0], crop[1], height, width]], jnp.float32), (batch, 1))
+  return np.tile(np.array([[oh, ow, crop[0], crop[1], height, width]], np.float32), (batch, 1))

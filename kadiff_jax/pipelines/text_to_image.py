@@ -9,7 +9,6 @@ change float rounding in XLA's matmuls (about 1e-6 relative on the latents).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from typing import Any, Sequence
 
@@ -24,6 +23,7 @@ from kadiff_jax.models import ip_adapter, unet, vae
 from kadiff_jax.job import Job
 from kadiff_jax.outputs import OutputDir
 from kadiff_jax.pipelines import conditioning
+from kadiff_jax.programs import persistent_jit
 from kadiff_jax.sampling import CFG, NO_CFG, RowLayout, sample
 from kadiff_jax.weights.sdxl import SDXLModels
 
@@ -64,7 +64,7 @@ def initial_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]
   return jnp.stack([jax.random.normal(jax.random.fold_in(key, int(i)), shape, jnp.float32) for i in indices])
 
 
-@functools.partial(jax.jit, static_argnames=("unet_config", "scheduler", "layout", "dtype", "hooks"))
+@persistent_jit(static_argnames=("unet_config", "scheduler", "layout", "dtype", "hooks"))
 def denoise(unet_params, noise, cond: unet.UNetCond, sched_state, guidance, hook_args=None, *, unet_config,
             scheduler, layout: RowLayout, dtype=jnp.float32, hooks=()):
   """Every scheduler step from `noise` [B, h, w, C]; returns (latents [B, h, w, C], aux).
@@ -83,7 +83,7 @@ def denoise(unet_params, noise, cond: unet.UNetCond, sched_state, guidance, hook
   return sample(denoiser, scheduler, sched_state, noise)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+@persistent_jit(static_argnames=("config", "dtype"))
 def decode(vae_params, latents, *, config, dtype):
   return vae.decode(vae_params, latents, config=config, dtype=dtype)
 

@@ -21,6 +21,13 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def _xp(*values):
+  """numpy for host values, jax.numpy once any value is a JAX array or tracer: assembling rows on the host
+  runs no device programs."""
+  return jnp if any(isinstance(v, jax.Array) for v in values) else np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,17 +76,18 @@ class RowLayout:
     missing = [r for r in self.roles if r not in per_role]
     if missing:
       raise ValueError(f"no rows given for roles {missing} of layout {self.roles}")
+    xp = _xp(*per_role.values())
     parts = []
     for r in self.roles:
-      a = jnp.asarray(per_role[r])
+      a = xp.asarray(per_role[r])
       parts.append(a.reshape((-1, self.count(r)) + a.shape[1:]))  # [G, count, ...]
-    stacked = jnp.concatenate(parts, axis=1)
+    stacked = xp.concatenate(parts, axis=1)
     return stacked.reshape((-1,) + stacked.shape[2:])
 
   def per_group(self, x: jax.Array) -> jax.Array:
     """A per-job value [G * group, ...] as the value of each group's first job [G, ...] (for shared rows, whose
     jobs agree on it)."""
-    x = jnp.asarray(x)
+    x = _xp(x).asarray(x)
     return x.reshape((-1, self.group) + x.shape[1:])[:, 0]
 
   def assemble(self, per_role: Mapping[str, jax.Array]) -> jax.Array:

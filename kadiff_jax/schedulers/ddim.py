@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from kadiff_jax.models.config_util import ConfigError
+from kadiff_jax.programs import serializable
 from kadiff_jax.schedulers.common import SchedulerConfig, split_config
 
 
+@serializable
 class DDIMState(NamedTuple):
   timesteps: jax.Array   # [S] descending training timesteps
   alpha_t: jax.Array     # [S] alphas_cumprod[t]

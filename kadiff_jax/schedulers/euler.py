@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from kadiff_jax.models.config_util import ConfigError
+from kadiff_jax.programs import serializable
 from kadiff_jax.schedulers.common import SchedulerConfig, split_config
 
 
+@serializable
 class EulerState(NamedTuple):
   timesteps: jax.Array  # [S] float timesteps fed to the model
   sigmas: jax.Array     # [S + 1], ending in 0

@@ -59,10 +59,10 @@ def resolve(model: str, *, variant: str | None = None, cache_dir: Path | None = 
 
 
 def load_tokenizer(folder: Path):
-  from transformers import CLIPTokenizer
-  if not folder.is_dir():
-    raise files.CheckpointNotFound(f"missing tokenizer folder {folder}")
-  return CLIPTokenizer.from_pretrained(str(folder))
+  from kadiff_jax.clip_tokenizer import CLIPTokenizer
+  if not (folder / "vocab.json").is_file() or not (folder / "merges.txt").is_file():
+    raise files.CheckpointNotFound(f"missing tokenizer folder {folder} (vocab.json and merges.txt)")
+  return CLIPTokenizer(folder)
 
 
 def load_sdxl(model: str, *, dtype=jnp.float32, vae_dtype=None, variant: str | None = None,
