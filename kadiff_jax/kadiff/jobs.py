@@ -205,7 +205,7 @@ def run(models, adapter, jobs: Sequence[Job], options: KADiffOptions, out_dir: s
   placed, placed_adapter = place_params(models, adapter, mesh)
   prepared: dict[tuple[str, str], R.PreparedReference] = dict(references or {})
   done: dict[str, dict] = {}
-  bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=options.mode)
+  bar = tqdm(total=len(todo), unit="img", disable=not progress or not todo, desc=options.mode)
   t0 = time.perf_counter()
   for start in range(0, len(todo), bs):
     chunk = todo[start:start + bs]
