@@ -1,4 +1,4 @@
-"""DDIM and EulerDiscrete: timesteps and every step vs diffusers."""
+"""DDIM, EulerDiscrete and EulerAncestralDiscrete: timesteps and every step vs diffusers."""
 
 from __future__ import annotations
 
@@ -72,3 +72,52 @@ def test_unknown_scheduler_and_fields():
   sdxl = {"_class_name": "EulerDiscreteScheduler", **SDXL_EULER, "interpolation_type": "linear",
           "use_karras_sigmas": False, "skip_prk_steps": True, "sample_max_value": 1.0}
   assert schedulers.from_name("ddim", sdxl).config.steps_offset == 1
+
+
+TURBO = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+         "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "trailing"}  # sd-turbo's scheduler
+
+
+@pytest.mark.parametrize("cfg,steps", [(TURBO, 1), (TURBO, 4), ({**TURBO, "timestep_spacing": "leading"}, 10),
+                                       ({**TURBO, "timestep_spacing": "linspace", "prediction_type": "v_prediction"},
+                                        6)])
+def test_euler_ancestral_matches_diffusers_step_by_step(cfg, steps):
+  """The ancestral step with the same noise diffusers draws from its generator (passed explicitly to ours)."""
+  from diffusers import EulerAncestralDiscreteScheduler
+  from kadiff_jax.schedulers.euler_ancestral import EulerAncestralDiscrete
+  ref = EulerAncestralDiscreteScheduler(**cfg)
+  ref.set_timesteps(steps)
+  sched = EulerAncestralDiscrete.from_diffusers(dict(ref.config))
+  state = sched.set_timesteps(steps)
+  np.testing.assert_array_equal(np.asarray(state.timesteps), ref.timesteps.numpy())
+  np.testing.assert_allclose(np.asarray(state.sigmas), ref.sigmas.numpy(), rtol=1e-6)  # within an ulp
+  assert float(sched.init_noise_sigma(state)) == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+  rng = np.random.default_rng(steps)
+  x = (rng.standard_normal((2, 4, 8, 8)) * float(ref.init_noise_sigma)).astype(np.float32)
+  theirs, ours_noise = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+  for i, t in enumerate(ref.timesteps):
+    out = rng.standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(sched.scale_model_input(state, i, jnp.asarray(x))),
+                               ref.scale_model_input(torch.tensor(x), t).numpy(), rtol=1e-6, atol=1e-7)
+    z = torch.randn(x.shape, generator=ours_noise, dtype=torch.float32).numpy()  # what diffusers draws next
+    step_ours = np.asarray(sched.step(state, i, jnp.asarray(x), jnp.asarray(out), noise=jnp.asarray(z)))
+    x = ref.step(torch.tensor(out), t, torch.tensor(x), generator=theirs).prev_sample.numpy()
+    assert np.abs(step_ours - x).max() / max(1.0, np.abs(x).max()) < 1e-6, (i, float(t))
+
+
+def test_euler_ancestral_noise_is_per_row_and_explicit():
+  """Keyed noise: row b at step i depends on keys[b] and i only, so batching does not change a row."""
+  import jax
+  from kadiff_jax.schedulers.euler_ancestral import EulerAncestralDiscrete
+  sched = EulerAncestralDiscrete.from_diffusers(TURBO)
+  state = sched.set_timesteps(4)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jnp.ones((3, 8, 8, 4)) * 2.0
+  out = jnp.zeros_like(x)
+  both = sched.step(sched.with_keys(state, keys), 1, x, out)
+  alone = sched.step(sched.with_keys(state, keys[1:2]), 1, x[1:2], out[1:2])
+  np.testing.assert_array_equal(np.asarray(both[1:2]), np.asarray(alone))
+  assert not np.allclose(np.asarray(both[0]), np.asarray(both[1]))  # different keys, different noise
+  assert not np.allclose(np.asarray(sched.step(sched.with_keys(state, keys), 2, x, out)), np.asarray(both))
+  with pytest.raises(ValueError, match="needs noise= or a state with per-row keys"):
+    sched.step(state, 0, x, out)
