@@ -14,6 +14,14 @@ from kadiff_jax.programs import serializable
 from kadiff_jax.schedulers.common import SchedulerConfig, split_config
 
 
+def predicted_x0(prediction_type: str, sigma, x, model_output):
+  """The clean sample the model's output implies at noise level sigma (x in the sigma parametrisation)."""
+  out = model_output.astype(jnp.float32)
+  if prediction_type == "epsilon":
+    return x - sigma * out
+  return out * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)  # v_prediction
+
+
 @serializable
 class EulerState(NamedTuple):
   timesteps: jax.Array  # [S] float timesteps fed to the model
@@ -54,10 +62,6 @@ class EulerDiscrete:
 
   def step(self, state: EulerState, i, x, model_output, **_):
     sigma, sigma_next = state.sigmas[i], state.sigmas[i + 1]
-    xf, out = x.astype(jnp.float32), model_output.astype(jnp.float32)
-    if self.config.prediction_type == "epsilon":
-      x0 = xf - sigma * out
-    else:  # v_prediction
-      x0 = out * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + xf / (sigma ** 2 + 1)
-    derivative = (xf - x0) / sigma
+    xf = x.astype(jnp.float32)
+    derivative = (xf - predicted_x0(self.config.prediction_type, sigma, xf, model_output)) / sigma
     return (xf + derivative * (sigma_next - sigma)).astype(x.dtype)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from kadiff_jax.models.config_util import ConfigError
 from kadiff_jax.programs import serializable
 from kadiff_jax.schedulers.common import SchedulerConfig, split_config
-from kadiff_jax.schedulers.euler import EulerDiscrete
+from kadiff_jax.schedulers.euler import EulerDiscrete, predicted_x0
 
 
 @serializable
@@ -69,11 +69,8 @@ class EulerAncestralDiscrete:
 
   def step(self, state: EulerAncestralState, i, x, model_output, noise=None, **_):
     sigma, sigma_next = state.sigmas[i], state.sigmas[i + 1]
-    xf, out = x.astype(jnp.float32), model_output.astype(jnp.float32)
-    if self.config.prediction_type == "epsilon":
-      x0 = xf - sigma * out
-    else:  # v_prediction
-      x0 = out * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + xf / (sigma ** 2 + 1)
+    xf = x.astype(jnp.float32)
+    x0 = predicted_x0(self.config.prediction_type, sigma, xf, model_output)
     sigma_up = jnp.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
     sigma_down = jnp.sqrt(sigma_next ** 2 - sigma_up ** 2)
     prev = xf + (xf - x0) / sigma * (sigma_down - sigma)
