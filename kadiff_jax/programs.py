@@ -9,8 +9,8 @@ serialised under `$KADIFF_CACHE/programs/`; later processes deserialise it
 and call it without tracing (its compile then hits the compilation cache).
 
 The key covers the function's name, a hash of every kadiff_jax source
-file, the JAX version, the static arguments' repr, the argument tree and
-every leaf's shape, dtype and weak type. Anything that cannot be keyed or
+file, the JAX version, the platform and device kind, the static arguments'
+repr, the argument tree and every leaf's shape, dtype and weak type. Anything that cannot be keyed or
 exported safely runs as the plain jitted function: static arguments whose
 repr holds an object address, arrays spread over more than one device,
 multi-process runs, or an export or serialisation error.
@@ -86,7 +86,8 @@ class PersistentJit:
     static_repr = repr(sorted(static.items()))
     if None in keys or _ADDRESS.search(static_repr) or jax.process_count() > 1:
       return None
-    text = "|".join([self.name, source_version(), static_repr, str(tree), *keys])
+    device = jax.devices()[0]  # a program exported for one platform does not run on another
+    text = "|".join([self.name, source_version(), device.platform, device.device_kind, static_repr, str(tree), *keys])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
   def _program(self, key: str, folder: Path, args, dynamic, static):
