@@ -68,7 +68,6 @@ def generate_kadiff(args) -> None:
 
 
 def _invert(args) -> None:
-  from kadiff_jax.kadiff import reference as R
   cli_args.check_image(args.reference)
   pipe, options = _pipeline(args)
   prepared = pipe.invert(args.reference, args.ref_prompt, options, auto_mask=args.auto_mask)
