@@ -109,17 +109,21 @@ class KADiffPipeline:
             for n, p in enumerate(prompts) for i in range(num_images)]
     from kadiff_jax import records
     ref_digest = kjobs.reference_digest(prepared.image)
+    given = None  # a mask given in memory (PIL, or an array: bool, or uint8 with white = concept), read once
+    if mask is not None and path_mask is None:
+      from kadiff_jax.kadiff.reference import load_mask
+      image = mask if isinstance(mask, Image.Image) else Image.fromarray(
+          np.asarray(mask, np.uint8) * (255 if np.asarray(mask).dtype == bool else 1))
+      given = (load_mask(image, opts.size, opts.mask_padding), {"source": "user", "path": "<in memory>"},
+               "sha256:" + records.array_sha256(np.asarray(image.convert("L"))))
+    mask_digests: dict[str, str] = {}
     items, masks, inputs = [], [], []
     for job in jobs:
-      if mask is not None and path_mask is None:  # a PIL image or an array (bool, or uint8 with white = concept)
-        from kadiff_jax.kadiff.reference import load_mask
-        image = mask if isinstance(mask, Image.Image) else Image.fromarray(
-            np.asarray(mask, np.uint8) * (255 if np.asarray(mask).dtype == bool else 1))
-        m, info = load_mask(image, opts.size, opts.mask_padding), {"source": "user", "path": "<in memory>"}
-        mask_digest = "sha256:" + records.array_sha256(np.asarray(image.convert("L")))
+      if given is not None:
+        m, info, mask_digest = given
       else:
         m, info = kjobs.job_mask(job, prepared, self.models.tokenizer, opts)
-        mask_digest = kjobs.mask_input(job)
+        mask_digest = kjobs.mask_input(job, mask_digests)
       items.append(G.GenerationItem(job, prepared, m, kjobs.job_noise(job, self.models, opts)))
       masks.append(info)
       inputs.append(kjobs.job_inputs(job, self.models, self.adapter, opts, reference_sha256=ref_digest,
@@ -167,28 +171,18 @@ class KnowledgeAugmentedPipeline:
                num_images: int = 1, min_score: float | None = None, on_no_match: str = "skip",
                options: KADiffOptions | None = None, **overrides) -> KnowledgeAugmentedOutput:
     from kadiff_jax.kadiff import run as krun
-    if on_no_match not in ("skip", "top1"):
-      raise ValueError(f"on_no_match = {on_no_match!r}; expected 'skip' or 'top1'")
-    min_score = krun.MIN_SCORE if min_score is None else min_score
     concept = concept or prompt
     found = self.retriever.retrieve(concept, k)
-    top = found.candidates[0].score
-    record: dict = {"prompt": prompt, "concept": concept, "seed": seed, "retrieval": found.to_json(),
-                    "weak_match": top < min_score}
-    if top < min_score and on_no_match == "skip":
-      record.update(status="no_match", reason=f"best dense score {top:.3f} is under min_score {min_score}")
+    auto = isinstance(mask, str) and mask == "auto"
+    d = krun.decide(found, concept, auto_mask=auto, words_given=bool((options and options.mask_words)
+                                                                     or overrides.get("mask_words")),
+                    min_score=krun.MIN_SCORE if min_score is None else min_score, on_no_match=on_no_match)
+    record = {"prompt": prompt, "seed": seed, **d.record}
+    if d.entry is None:
       return KnowledgeAugmentedOutput([], record, found)
-    entry = found.chosen.entry
-    ref_prompt, source = krun.ref_prompt_for(entry)
-    if isinstance(mask, str) and mask == "auto" and not (options and options.mask_words) \
-        and "mask_words" not in overrides:
-      words, words_source = krun.entity_mask_words(entry, ref_prompt)
-      if words:
-        overrides["mask_words"] = words
-        record["mask_words_source"] = words_source
-    out = self.pipe(prompt, reference=entry.image, ref_prompt=ref_prompt, mask=mask, seed=seed,
+    if d.mask_words:
+      overrides["mask_words"] = d.mask_words
+    out = self.pipe(prompt, reference=d.entry.image, ref_prompt=d.ref_prompt, mask=mask, seed=seed,
                     num_images=num_images, options=options, **overrides)
-    record.update(status="done", chosen={"id": entry.id, "title": entry.title, "image": entry.image,
-                                         "score": found.chosen.score},
-                  ref_prompt_source=source, images=out.records)
+    record.update(status="done", images=out.records)
     return KnowledgeAugmentedOutput(out.images, record, found)

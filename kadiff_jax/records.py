@@ -19,19 +19,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+def image_sha256(image) -> str:
+  """sha256 of an image's pixels as read (PIL or array): the content key of references everywhere."""
+  return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
 
 
 def array_sha256(a) -> str:
@@ -118,15 +113,3 @@ def plan_resume(out, ids: Sequence[str], inputs: Sequence[dict], *, overwrite: b
                          f"{more}); pass --overwrite to redo them, or choose another output folder")
   return plan
 
-
-def content_digest(path: str | os.PathLike | None, cache: dict | None = None) -> str | None:
-  """sha256 of a file's bytes (memoised in `cache` by path), None for no file."""
-  if path is None:
-    return None
-  key = str(path)
-  if cache is not None and key in cache:
-    return cache[key]
-  digest = file_sha256(Path(path))
-  if cache is not None:
-    cache[key] = digest
-  return digest

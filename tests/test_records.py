@@ -58,3 +58,21 @@ def test_resume_redoes_missing_outputs_and_damaged_records(tmp_path):
 def test_changes_reads_nested_and_absent_keys():
   assert records.changes({"o": {"s": 1}, "p": "x"}, {"o": {"s": 2}, "q": 1}) == [
       "o.s: 1 -> 2", 'p: "x" -> "<absent>"', 'q: "<absent>" -> 1']
+
+
+def test_labelled_row_places_every_tile_in_order():
+  """The grid: each tile enlarged (nearest) to one height, left to right, a missing one as a grey panel."""
+  from kadiff_jax.image_grid import labelled_row
+  colours = [(200, 10, 10), (10, 200, 10), None, (10, 10, 200)]
+  tiles = [(f"t{k}", None if c is None else np.full((64, 64, 3), c, np.uint8)) for k, c in enumerate(colours)]
+  row = labelled_row(tiles, "a caption long enough to be drawn under the row")
+  assert row.dtype == np.uint8 and row.shape[1] == 4 * 256 + 5 * 4
+  xs = []
+  for c in [c for c in colours if c is not None] + [(200, 200, 200)]:
+    hit = np.all(row == c, axis=-1)
+    _, x = np.nonzero(hit)
+    assert hit.sum() >= 250 * 250, c  # a whole 256-pixel panel of it (text may cover a few pixels of grey)
+    xs.append(x.min())
+  red, green, blue, grey = xs
+  assert red < green < grey < blue  # reference order kept, the missing tile in its own column
+  assert (row[-3:] == 255).all()  # white margin under the caption

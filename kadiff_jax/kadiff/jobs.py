@@ -127,7 +127,7 @@ def reference_digest(reference, digests: dict | None = None) -> str:
   if isinstance(reference, (str, Path)) and digests is not None and str(reference) in digests:
     return digests[str(reference)]
   image = image_io.load_rgb(reference) if isinstance(reference, (str, Path)) else reference.convert("RGB")
-  digest = records.array_sha256(np.asarray(image))
+  digest = records.image_sha256(image)  # the reference cache's own content key
   if isinstance(reference, (str, Path)) and digests is not None:
     digests[str(reference)] = digest
   return digest
@@ -136,8 +136,7 @@ def reference_digest(reference, digests: dict | None = None) -> str:
 def job_inputs(job: Job, models, adapter, options: KADiffOptions, *, reference_sha256: str, mask: str,
                init_latents: np.ndarray | None = None, baseline: bool = False) -> dict:
   """Everything that decides a KA-Diff job's pixels (its fingerprint's inputs; options resolved for the model)."""
-  import jax as _jax
-  return {"model": str(models.source), "dtype": str(_jax.tree_util.tree_leaves(models.unet_params)[0].dtype),
+  return {"model": str(models.source), "dtype": str(jax.tree_util.tree_leaves(models.unet_params)[0].dtype),
           "ip_adapter": str(adapter.source), "options": dataclasses.asdict(options), "prompt": job.prompt,
           "seed": job.seed, "index": job.index, "ref_prompt": job.ref_prompt, "reference_sha256": reference_sha256,
           "mask": mask, "mask_words": list(job.mask_words) if job.mask == AUTO_MASK else [],

@@ -34,6 +34,7 @@ from PIL import Image, ImageOps
 
 from kadiff_jax import image_io, sharding
 from kadiff_jax.programs import persistent_jit
+from kadiff_jax.records import image_sha256
 from kadiff_jax.kadiff import concept_mask
 from kadiff_jax.kadiff.options import KADiffOptions, kadiff_scheduler
 from kadiff_jax.models import ip_adapter, unet, vae
@@ -63,10 +64,6 @@ def reference_pixels(image: Image.Image, size: int) -> np.ndarray:
 def ip_reference(image: Image.Image, size: int) -> Image.Image:
   """What the IP-Adapter sees: the reference resized to half the generation size (plain resize)."""
   return image.resize((size // 2, size // 2), resample=Image.BICUBIC)
-
-
-def image_sha256(image: Image.Image) -> str:
-  return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -116,6 +116,42 @@ def ref_prompt_for(entry) -> tuple[str, str]:
   return f"a photo of {entry.title.strip()}", "title"
 
 
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """What a retrieval decided for one query."""
+
+  record: dict                    # retrieval, weak_match, then the chosen entry or status "no_match" and why
+  line: str                       # the decision in one line, for stdout
+  entry: Any = None               # the chosen corpus entry; None: no good match, skipped
+  ref_prompt: str = ""
+  mask_words: tuple[str, ...] = ()  # mask "auto": the entity's words (empty: the options' or the default)
+
+
+def decide(r, concept: str, *, auto_mask: bool, words_given: bool, min_score: float = MIN_SCORE,
+           on_no_match: str = "skip") -> Decision:
+  """The reference for a retrieval `r` (retrieval.retriever.Retrieval): skipped when its best dense score is under
+  `min_score` (unless on_no_match="top1"), else the chosen entry with its ref_prompt and, for mask "auto" without
+  words given, the entity's mask words. One rule for `kadiff run` and `KnowledgeAugmentedPipeline`."""
+  if on_no_match not in ("skip", "top1"):
+    raise ValueError(f"on_no_match = {on_no_match!r}; expected 'skip' or 'top1'")
+  top = r.candidates[0].score
+  record: dict[str, Any] = {"concept": concept, "retrieval": r.to_json(), "weak_match": top < min_score}
+  if top < min_score and on_no_match == "skip":
+    record.update(status="no_match", reason=f"best dense score {top:.3f} is under min_score {min_score}")
+    return Decision(record, f"no match for {concept!r} (best {r.candidates[0].entry.title!r} at {top:.3f} "
+                            f"< {min_score}); skipped")
+  entry = r.chosen.entry
+  ref_prompt, source = ref_prompt_for(entry)
+  words, words_source = entity_mask_words(entry, ref_prompt) if auto_mask and not words_given else ((), None)
+  record.update(chosen={"id": entry.id, "title": entry.title, "image": entry.image, "score": r.chosen.score},
+                ref_prompt_source=source, **({"mask_words_source": words_source} if words else {}))
+  line = (f"{concept!r} -> {entry.title!r} ({entry.id}, score {r.chosen.score:.3f}"
+          + (", weak match" if top < min_score else "")
+          + (f", re-ranked from {len(r.candidates)}" if r.decision is not None else "") + ")"
+          + (f", mask words {list(words)}" if words else ""))
+  return Decision(record, line, entry, ref_prompt, words)
+
+
 def run(models, adapter, retriever, queries: Sequence[Query], options, out_dir: str | os.PathLike, *,
         k: int = 5, min_score: float = MIN_SCORE, on_no_match: str = "skip", cache_dir: str | Path | None = None,
         baseline: bool = False, batch_size: int | None = None, progress: bool = True,
@@ -126,38 +162,20 @@ def run(models, adapter, retriever, queries: Sequence[Query], options, out_dir: 
   from kadiff_jax.job import Job
   from kadiff_jax.kadiff import jobs as kjobs
 
-  if on_no_match not in ("skip", "top1"):
-    raise ValueError(f"on_no_match = {on_no_match!r}; expected 'skip' or 'top1'")
   out = OutputDir(out_dir)
   records: dict[str, dict] = {}
   jobs, decisions = [], []
   for q in queries:
-    r = retriever.retrieve(q.concept, k)
-    record: dict[str, Any] = {"concept": q.concept, "retrieval": r.to_json()}
-    top = r.candidates[0].score
-    if top < min_score and on_no_match == "skip":
-      record.update(id=q.id, status="no_match", prompt=q.prompt, seed=q.seed)
-      record["reason"] = f"best dense score {top:.3f} is under min_score {min_score}"
-      log.warning("query %r: no good match (%s); skipped", q.concept, record["reason"])
-      records[q.id] = record
-      decisions.append(f"{q.id}: no match for {q.concept!r} (best {r.candidates[0].entry.title!r} at {top:.3f} "
-                       f"< {min_score}); skipped")
+    d = decide(retriever.retrieve(q.concept, k), q.concept, auto_mask=q.mask == kjobs.AUTO_MASK,
+               words_given=bool(options.mask_words), min_score=min_score, on_no_match=on_no_match)
+    decisions.append(f"{q.id}: {d.line}")
+    records[q.id] = d.record
+    if d.entry is None:
+      d.record.update(id=q.id, prompt=q.prompt, seed=q.seed)
+      log.warning("query %r: no good match (%s); skipped", q.concept, d.record["reason"])
       continue
-    entry = r.chosen.entry
-    ref_prompt, source = ref_prompt_for(entry)
-    mask_words, words_source = ((), None)
-    if q.mask == kjobs.AUTO_MASK and not options.mask_words:
-      mask_words, words_source = entity_mask_words(entry, ref_prompt)
-    record.update(weak_match=top < min_score,
-                  chosen={"id": entry.id, "title": entry.title, "image": entry.image, "score": r.chosen.score},
-                  ref_prompt_source=source, **({"mask_words_source": words_source} if words_source else {}))
-    records[q.id] = record
-    decisions.append(f"{q.id}: {q.concept!r} -> {entry.title!r} ({entry.id}, score {r.chosen.score:.3f}"
-                     + (", weak match" if top < min_score else "")
-                     + (f", re-ranked from {len(r.candidates)}" if r.decision is not None else "") + ")"
-                     + (f", mask words {list(mask_words)}" if mask_words else ""))
-    jobs.append(Job(q.id, q.prompt, q.seed, reference=entry.image, ref_prompt=ref_prompt, mask=q.mask,
-                    mask_words=mask_words))
+    jobs.append(Job(q.id, q.prompt, q.seed, reference=d.entry.image, ref_prompt=d.ref_prompt, mask=q.mask,
+                    mask_words=d.mask_words))
   ran = kjobs.run(models, adapter, jobs, options, out_dir, cache_dir=cache_dir, baseline=baseline,
                   batch_size=batch_size, progress=progress, overwrite=overwrite,
                   extra_fields={j.id: records[j.id] for j in jobs}) if jobs else None

@@ -172,7 +172,7 @@ def job_inputs(job: Job, models: SDXLModels, options: GenerationOptions, adapter
           "options": {**dataclasses.asdict(options), "height": h, "width": w}, "prompt": job.prompt,
           "negative_prompt": job.negative_prompt, "seed": job.seed, "index": job.index,
           "ip_adapter": adapter.source if uses_adapter else None,
-          "reference_sha256": records.array_sha256(np.asarray(image_io.load_rgb(job.reference)))
+          "reference_sha256": records.image_sha256(image_io.load_rgb(job.reference))
           if uses_adapter else None,
           "ip_scale": (adapter.default_scale if job.ip_scale is None else job.ip_scale) if uses_adapter else None,
           "init_latents_sha256": None if init_latents is None else records.array_sha256(init_latents)}
