@@ -1,7 +1,7 @@
 """The Python API: a KA-Diff pipeline object, as a diffusers or maxdiffusion user expects one.
 
     from kadiff_jax import KADiffPipeline
-    pipe = KADiffPipeline.from_pretrained("tiny")        # or an SDXL folder / Hub id + ip_adapter, image_encoder
+    pipe = KADiffPipeline.from_pretrained("tiny")        # or a pipeline folder / Hub id + ip_adapter, image_encoder
     out = pipe("a dog in the snow", reference="dog.jpg", ref_prompt="a dog", mask="auto", seed=0, steps=10)
     out.images[0].save("dog_snow.png")                    # PIL images; out.records: what was done, per image
     ref = pipe.invert("dog.jpg", "a dog", steps=10)       # prepared once, reused by later calls
@@ -36,7 +36,7 @@ class KADiffOutput(NamedTuple):
 
 @dataclasses.dataclass
 class KADiffPipeline:
-  """Loaded SDXL models and IP-Adapter; call it to generate, `invert` to prepare a reference once."""
+  """Loaded pipeline models (any family) and IP-Adapter; call it to generate, `invert` to prepare a reference once."""
 
   models: Any
   adapter: Any
@@ -47,8 +47,9 @@ class KADiffPipeline:
   def from_pretrained(cls, model: str = "tiny", *, ip_adapter: str | None = None, image_encoder: str | None = None,
                       dtype: str = "fp32", variant: str | None = None, cache_dir: str | None = None,
                       mesh=None) -> "KADiffPipeline":
-    """An SDXL folder in diffusers layout, a Hub id, or "tiny" (the built-in random model with its own
-    adapter), with an IP-Adapter file and its CLIP image encoder folder; dtype fp32, bf16 or fp16."""
+    """A pipeline folder in diffusers layout (SDXL, SD1.x, SD2.x and their turbo models), a Hub id, or "tiny",
+    "tiny-sd15", ... (the built-in random models with their own adapters), with an IP-Adapter file and its CLIP
+    image encoder folder; dtype fp32, bf16 or fp16."""
     return cls.from_options(ModelOptions(model=model, variant=variant, dtype=dtype, ip_adapter=ip_adapter,
                                          image_encoder=image_encoder, cache_dir=cache_dir), mesh=mesh)
 

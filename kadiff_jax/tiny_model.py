@@ -1,10 +1,17 @@
-"""A complete tiny SDXL pipeline folder in diffusers format, random and seeded.
+"""Complete tiny pipeline folders of every model family in diffusers format, random and seeded.
 
 Weights come from our own initialisers with every norm and bias perturbed
 (so parity tests exercise them), written through the reverse converter in
-PyTorch names and layouts: `diffusers.StableDiffusionXLPipeline.from_pretrained`
-loads the folder as it would the real one. Text-encoder weights use the
-`text_model.` prefix of the real SDXL repositories.
+PyTorch names and layouts: `diffusers.StableDiffusionXLPipeline` (sdxl,
+sdxl-turbo) and `StableDiffusionPipeline` (sd15, sd21, sd-turbo) load the
+folders as they would the real ones. Each family's folder copies what sets
+the real release apart: its text encoders (CLIP ViT-L's quick_gelu, OpenCLIP's
+gelu and "!" padding), UNet block structure (SDXL's 3 levels with pooled
+text and time ids; SD's 4 levels; SD2's linear projections and upcast
+attention), VAE scaling factor and scheduler folder (Euler, PNDM, DDIM with
+v-prediction, ancestral Euler over trailing timesteps). Text-encoder weights
+use the `text_model.` prefix of the real repositories. Each folder holds an
+IP-Adapter in h94/IP-Adapter's layout (`ip_adapter/`).
 """
 
 from __future__ import annotations
@@ -27,12 +34,34 @@ from kadiff_jax.weights.load import default_cache_dir, save_component
 log = logging.getLogger("kadiff_jax")
 
 TINY_VOCAB = 1000
-SDXL_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
-    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+_SCHEDULER_BASE = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                   "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                   "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+_EULER = {"interpolation_type": "linear", "prediction_type": "epsilon", "sample_max_value": 1.0,
+          "use_karras_sigmas": False}
+SCHEDULER_CONFIGS = {  # as the real releases' scheduler folders
+    "sdxl": {"_class_name": "EulerDiscreteScheduler", **_SCHEDULER_BASE, **_EULER, "timestep_spacing": "leading"},
+    "sdxl-turbo": {"_class_name": "EulerAncestralDiscreteScheduler", **_SCHEDULER_BASE, **_EULER,
+                   "timestep_spacing": "trailing"},
+    "sd15": {"_class_name": "PNDMScheduler", **_SCHEDULER_BASE},
+    "sd21": {"_class_name": "DDIMScheduler", **_SCHEDULER_BASE, "prediction_type": "v_prediction"},
+    "sd-turbo": {"_class_name": "EulerAncestralDiscreteScheduler", **_SCHEDULER_BASE, **_EULER,
+                 "timestep_spacing": "trailing"},
 }
+SDXL_SCHEDULER = SCHEDULER_CONFIGS["sdxl"]
+TINY_FAMILIES = tuple(SCHEDULER_CONFIGS)
+# Each family's tiny IP-Adapter file (relative to the model folder) and the shared image encoder. SDXL's is the Plus
+# adapter KA-Diff's SDXL release uses; SD's is the base adapter its sd1.5 branch uses, with a Plus one beside it.
+TINY_IP_ADAPTERS = {"sdxl": "ip_adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+                    "sd": "ip_adapter/models/ip-adapter_sd15.safetensors"}
+TINY_IP_ADAPTER_PLUS_SD = "ip_adapter/models/ip-adapter-plus_sd15.safetensors"
+TINY_IP_ADAPTER = TINY_IP_ADAPTERS["sdxl"]
+TINY_IMAGE_ENCODER = "ip_adapter/models/image_encoder"
+
+
+def tiny_ip_adapter(family: str) -> str:
+  """The tiny model's own IP-Adapter file for a family, relative to its folder."""
+  return TINY_IP_ADAPTERS["sdxl" if family.startswith("sdxl") else "sd"]
 
 
 def random_params(shapes, seed):
@@ -68,48 +97,63 @@ def _text_state(params) -> dict[str, np.ndarray]:
   return state
 
 
-def make_tiny_model(folder: str | os.PathLike, seed: int = 0) -> Path:
-  """Writes the tiny pipeline into `folder` (replaced atomically) and returns its path."""
+def tiny_configs(family: str):
+  """(UNet, VAE, text encoder configs) of a family's tiny model."""
+  if family not in SCHEDULER_CONFIGS:
+    raise ValueError(f"family={family!r}: expected one of {TINY_FAMILIES}")
+  if family.startswith("sdxl"):
+    return unet.tiny_sdxl(), vae.tiny(), (clip_text.tiny(False, TINY_VOCAB), clip_text.tiny(True, TINY_VOCAB))
+  sd2 = family != "sd15"
+  text = dataclasses.replace(clip_text.tiny(False, TINY_VOCAB), hidden_act="gelu" if sd2 else "quick_gelu")
+  return unet.tiny_sd(sd2=family == "sd21"), dataclasses.replace(vae.tiny(), scaling_factor=0.18215), (text,)
+
+
+def make_tiny_model(folder: str | os.PathLike, seed: int = 0, family: str = "sdxl") -> Path:
+  """Writes the tiny pipeline of `family` into `folder` (replaced atomically) and returns its path."""
   folder = Path(folder)
+  ucfg, vcfg, texts = tiny_configs(family)
   tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   from kadiff_jax import __version__
 
-  ucfg, vcfg = unet.tiny_sdxl(), vae.tiny()
-  t1, t2 = clip_text.tiny(False, TINY_VOCAB), clip_text.tiny(True, TINY_VOCAB)
-  if ucfg.cross_attention_dim[0] != t1.hidden_size + t2.hidden_size:
-    raise AssertionError("tiny UNet cross_attention_dim must equal the two text widths")
+  if ucfg.cross_attention_dim[0] != sum(t.hidden_size for t in texts):
+    raise AssertionError("tiny UNet cross_attention_dim must equal the text widths")
   meta = {"_diffusers_version": "0.42.1", "_kadiff_jax_version": __version__, "_kadiff_jax_seed": seed}
   save_component(tmp / "unet", convert.params_to_torch(random_params(unet.init_shapes(ucfg), [seed, 0])),
                  {**ucfg.to_diffusers(), **meta})
   save_component(tmp / "vae", convert.params_to_torch(random_params(vae.init_shapes(vcfg), [seed, 1])),
                  {**vcfg.to_diffusers(), **meta})
-  for i, (name, cfg) in enumerate((("text_encoder", t1), ("text_encoder_2", t2))):
-    save_component(tmp / name, _text_state(random_params(clip_text.init_shapes(cfg), [seed, 2 + i])),
+  names = ("text_encoder", "text_encoder_2")
+  for i, cfg in enumerate(texts):
+    save_component(tmp / names[i], _text_state(random_params(clip_text.init_shapes(cfg), [seed, 2 + i])),
                    {**cfg.to_transformers(cfg.projection_dim is not None), "torch_dtype": "float32"},
                    weights_name="model.safetensors")
-  write_tiny_ip_adapter(tmp / "ip_adapter", ucfg, seed)
-  clip_bpe.write_tokenizer(tmp / "tokenizer", TINY_VOCAB)
-  clip_bpe.write_tokenizer(tmp / "tokenizer_2", TINY_VOCAB, pad_token="!")
+  write_tiny_ip_adapter(tmp / "ip_adapter", ucfg, seed, family)
+  xl = len(texts) == 2
+  # SDXL's second tokenizer and SD2's tokenizer (OpenCLIP) pad with "!"; CLIP ViT-L's pads with its EOS
+  clip_bpe.write_tokenizer(tmp / "tokenizer", TINY_VOCAB, **({} if xl or family == "sd15" else {"pad_token": "!"}))
+  if xl:
+    clip_bpe.write_tokenizer(tmp / "tokenizer_2", TINY_VOCAB, pad_token="!")
   (tmp / "scheduler").mkdir()
-  (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER, indent=2))
-  (tmp / "model_index.json").write_text(json.dumps({
-      "_class_name": "StableDiffusionXLPipeline", **meta, "force_zeros_for_empty_prompt": True,
-      "feature_extractor": [None, None], "image_encoder": [None, None],
-      "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-      "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-      "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+  sched = SCHEDULER_CONFIGS[family]
+  (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+  parts = {"scheduler": ["diffusers", sched["_class_name"]], "text_encoder": ["transformers", "CLIPTextModel"],
+           "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+           "vae": ["diffusers", "AutoencoderKL"], "feature_extractor": [None, None], "image_encoder": [None, None]}
+  if xl:
+    index = {"_class_name": "StableDiffusionXLPipeline", **meta, "force_zeros_for_empty_prompt": True, **parts,
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+  else:
+    index = {"_class_name": "StableDiffusionPipeline", **meta, "requires_safety_checker": False, **parts,
+             "safety_checker": [None, None]}
+  (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
   if folder.exists():
     shutil.rmtree(folder)
   folder.parent.mkdir(parents=True, exist_ok=True)
   os.replace(tmp, folder)
-  log.info("wrote tiny SDXL pipeline (seed %d) to %s", seed, folder)
+  log.info("wrote tiny %s pipeline (seed %d) to %s", family, seed, folder)
   return folder
-
-
-TINY_IP_ADAPTER = "ip_adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors"
-TINY_IMAGE_ENCODER = "ip_adapter/models/image_encoder"
 
 
 def tiny_resampler(ucfg: unet.UNetConfig, ecfg: clip_vision.CLIPVisionConfig) -> image_proj.ResamplerConfig:
@@ -118,8 +162,9 @@ def tiny_resampler(ucfg: unet.UNetConfig, ecfg: clip_vision.CLIPVisionConfig) ->
                                     embedding_dim=ecfg.hidden_size, output_dim=ucfg.cross_attention_dim[0])
 
 
-def write_tiny_ip_adapter(folder: Path, ucfg: unet.UNetConfig, seed: int = 0) -> None:
-  """IP-Adapter-Plus file + CLIP image encoder in h94/IP-Adapter's layout under `folder`."""
+def write_tiny_ip_adapter(folder: Path, ucfg: unet.UNetConfig, seed: int = 0, family: str = "sdxl") -> None:
+  """IP-Adapter file(s) + CLIP image encoder in h94/IP-Adapter's layout under `folder`: for SDXL families the Plus
+  adapter, for SD families the base adapter (ImageProjModel) and a Plus one."""
   from kadiff_jax.models.ip_adapter import IPAdapter
   from kadiff_jax.weights.ip_adapter import adapter_state
   from safetensors.numpy import save_file
@@ -132,15 +177,20 @@ def write_tiny_ip_adapter(folder: Path, ucfg: unet.UNetConfig, seed: int = 0) ->
   state.update(convert.params_to_torch({"visual_projection": proj_out}))
   save_component(folder / "models" / "image_encoder", state, {**ecfg.to_transformers(), "torch_dtype": "float32"},
                  weights_name="model.safetensors")
-  pcfg = tiny_resampler(ucfg, ecfg)
-  rng = np.random.default_rng([seed, 11])
   cross = ucfg.cross_attention_dim[0]
-  layers = {s.path: {n: (rng.standard_normal((cross, s.channels)) / np.sqrt(cross))
-                     .astype(np.float32) for n in ("to_k_ip", "to_v_ip")}
-            for s in unet.attention_sites(ucfg).values() if s.kind == "cross"}
-  adapter = IPAdapter(ecfg, None, pcfg, random_params(image_proj.init_shapes(pcfg), [seed, 12]), layers)
-  (folder / "sdxl_models").mkdir(parents=True, exist_ok=True)
-  save_file(adapter_state(adapter, ucfg), str(folder / "sdxl_models" / "ip-adapter-plus_sdxl_vit-h.safetensors"))
+  projections = {TINY_IP_ADAPTER_PLUS_SD if not family.startswith("sdxl") else tiny_ip_adapter(family):
+                 tiny_resampler(ucfg, ecfg)}
+  if not family.startswith("sdxl"):
+    projections[tiny_ip_adapter(family)] = image_proj.ImageProjConfig(ecfg.projection_dim, cross, num_tokens=4)
+  for k, (name, pcfg) in enumerate(sorted(projections.items())):
+    rng = np.random.default_rng([seed, 11] + ([k] if k else []))
+    layers = {s.path: {n: (rng.standard_normal((cross, s.channels)) / np.sqrt(cross))
+                       .astype(np.float32) for n in ("to_k_ip", "to_v_ip")}
+              for s in unet.attention_sites(ucfg).values() if s.kind == "cross"}
+    adapter = IPAdapter(ecfg, None, pcfg, random_params(image_proj.init_shapes(pcfg), [seed, 12] + ([k] if k else [])), layers)
+    path = folder.parent / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state(adapter, ucfg), str(path))
 
 
 def make_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
@@ -184,7 +234,7 @@ def make_tiny_dino(folder: str | os.PathLike, seed: int = 0) -> Path:
   return folder
 
 
-TINY_PARTS = {"clip": make_tiny_clip, "dino": make_tiny_dino}  # beside the SDXL folder, made on first use
+TINY_PARTS = {"clip": make_tiny_clip, "dino": make_tiny_dino}  # beside the model folder, made on first use
 
 
 def tiny_part(name: str, cache_dir: Path | None = None, seed: int = 0) -> Path:
@@ -213,10 +263,10 @@ def tiny_part(name: str, cache_dir: Path | None = None, seed: int = 0) -> Path:
   return folder
 
 
-def tiny_model_dir(cache_dir: Path | None = None, seed: int = 0) -> Path:
-  """The tiny model in the cache, built on first use."""
+def tiny_model_dir(cache_dir: Path | None = None, seed: int = 0, family: str = "sdxl") -> Path:
+  """The tiny model of `family` in the cache, built on first use."""
   from kadiff_jax import __version__
-  folder = (cache_dir or default_cache_dir()) / f"tiny-sdxl-{__version__}-seed{seed}"
-  if not (folder / "model_index.json").is_file() or not (folder / TINY_IP_ADAPTER).is_file():
-    make_tiny_model(folder, seed)
+  folder = (cache_dir or default_cache_dir()) / f"tiny-{family}-{__version__}-seed{seed}"
+  if not (folder / "model_index.json").is_file() or not (folder / tiny_ip_adapter(family)).is_file():
+    make_tiny_model(folder, seed, family)
   return folder

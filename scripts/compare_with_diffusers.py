@@ -34,9 +34,9 @@ def main() -> None:
 
   from kadiff_jax.job import Job
   from kadiff_jax.pipelines import text_to_image as t2i
-  from kadiff_jax.weights.sdxl import load_sdxl
+  from kadiff_jax.weights.models import load_models
 
-  models = load_sdxl(args.model)
+  models = load_models(args.model)
   opts = t2i.GenerationOptions(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                                height=args.height, width=args.width)
   h, w = opts.size(models)

@@ -22,8 +22,8 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_models(tiny_dir):
-  from kadiff_jax.weights.sdxl import load_sdxl
-  return load_sdxl(str(tiny_dir))
+  from kadiff_jax.weights.models import load_models
+  return load_models(str(tiny_dir))
 
 
 @pytest.fixture(scope="session")

@@ -97,7 +97,7 @@ def test_shipped_configs_load_for_their_command(name, command, extra):
     opts = config.build(KADiffOptions, args)
     assert opts.threshold == 0.7 and opts.inject_steps in (None, (19, 49)) and opts.inject == ("k", "v")
   if name == "sdxl_base.yaml":
-    assert config.build(GenerationOptions, args) == GenerationOptions(height=1024, width=1024)
+    assert config.build(GenerationOptions, args) == GenerationOptions(50, 5.0, "euler", height=1024, width=1024)
   if "model" in keys:
     assert config.build(ModelOptions, args).model == "stabilityai/stable-diffusion-xl-base-1.0"
 

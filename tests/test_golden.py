@@ -48,10 +48,10 @@ def runs(tiny_dir: Path, tmp: Path) -> dict[str, np.ndarray]:
   from kadiff_jax.pipelines import text_to_image as t2i
   from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
   from kadiff_jax.weights.ip_adapter import load_ip_adapter
-  from kadiff_jax.weights.sdxl import load_sdxl
+  from kadiff_jax.weights.models import load_models
 
   ref, mask = _reference(tmp), _mask(tmp)
-  models = load_sdxl(str(tiny_dir))
+  models = load_models(str(tiny_dir))
   adapter = load_ip_adapter(tiny_dir / TINY_IP_ADAPTER, tiny_dir / TINY_IMAGE_ENCODER, models.unet_config)
   out = {}
   jobs = [Job.numbered("a cat", 0, 0), Job.numbered("a dog", 1, 0, negative_prompt="blurry")]

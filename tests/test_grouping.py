@@ -201,11 +201,11 @@ from kadiff_jax.kadiff import generate as G, reference as R
 from kadiff_jax.kadiff.options import KADiffOptions
 from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
 from kadiff_jax.weights.ip_adapter import load_ip_adapter
-from kadiff_jax.weights.sdxl import load_sdxl
+from kadiff_jax.weights.models import load_models
 from pathlib import Path
 import dataclasses
 d, tmp = Path(sys.argv[1]), Path(sys.argv[2])
-m = load_sdxl(str(d))
+m = load_models(str(d))
 a = load_ip_adapter(d / TINY_IP_ADAPTER, d / TINY_IMAGE_ENCODER, m.unet_config)
 o = KADiffOptions(steps=T.STEPS, inject_layers="up_blocks.*", inject_steps=(1, T.STEPS - 1))
 refs = R.prepare_references(m, a, [(T._reference(tmp / f"r{i}.png", i), p) for i, p in

@@ -251,7 +251,7 @@ import sys, numpy as np, jax
 assert jax.device_count() == 4
 from kadiff_jax import sharding
 from kadiff_jax.job import Job
-from kadiff_jax.weights.sdxl import load_sdxl
+from kadiff_jax.weights.models import load_models
 from kadiff_jax.weights.ip_adapter import load_ip_adapter
 from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
 from kadiff_jax.kadiff import generate as G, reference as R
@@ -259,7 +259,7 @@ from kadiff_jax.kadiff.options import KADiffOptions
 from pathlib import Path
 from PIL import Image
 d, ref = Path(sys.argv[1]), sys.argv[2]
-m = load_sdxl(str(d))
+m = load_models(str(d))
 a = load_ip_adapter(d / TINY_IP_ADAPTER, d / TINY_IMAGE_ENCODER, m.unet_config)
 o = KADiffOptions(steps=6, inject_layers="up_blocks.*")
 flipped = Image.open(ref).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT)

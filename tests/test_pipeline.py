@@ -91,7 +91,7 @@ def test_generate_cli_resume_follows_the_records(tmp_path, tiny_dir, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--height", "60"], "height=60: expected a positive multiple of 8"),
-    (["--scheduler", "dpm"], "scheduler='dpm': expected one of ['ddim', 'euler']"),
+    (["--scheduler", "dpm"], "scheduler='dpm': expected one of ['ddim', 'euler', 'euler_ancestral']"),
     (["--dtype", "fp8"], "dtype='fp8': expected one of"),
     (["--init-latents", "BAD"], "--init-latents"),
 ])
@@ -130,9 +130,9 @@ SHARDED = textwrap.dedent("""
     import sys, numpy as np, jax
     assert jax.device_count() == 4, jax.devices()
     from kadiff_jax import sharding
-    from kadiff_jax.weights.sdxl import load_sdxl
+    from kadiff_jax.weights.models import load_models
     from kadiff_jax.pipelines import text_to_image as t2i
-    m = load_sdxl(sys.argv[1])
+    m = load_models(sys.argv[1])
     from kadiff_jax.job import Job
     jobs = [Job.numbered(p, 11, i) for i, p in enumerate(["a cat", "a dog", "a red car"])]  # 3: padded to 4
     opts = t2i.GenerationOptions(steps=3)

@@ -18,7 +18,7 @@ from kadiff_jax.models import unet
 from kadiff_jax.models.config_util import ConfigError
 from kadiff_jax.tiny_model import random_params
 from kadiff_jax.weights import convert, files, load
-from kadiff_jax.weights.sdxl import load_sdxl
+from kadiff_jax.weights.models import load_models
 
 CFG = unet.tiny_sdxl()
 
@@ -127,14 +127,14 @@ def test_bad_pipeline_folders(tmp_path, tiny_dir):
   shutil.copytree(tiny_dir, broken)
   shutil.rmtree(broken / "vae")
   with pytest.raises(files.CheckpointNotFound, match="no subfolder 'vae'"):
-    load_sdxl(str(broken))
+    load_models(str(broken))
   odd = tmp_path / "odd_field"
   shutil.copytree(tiny_dir, odd)
   cfg = json.loads((odd / "unet" / "config.json").read_text())
   cfg["class_embed_type"] = "projection"
   (odd / "unet" / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(ConfigError, match="class_embed_type"):
-    load_sdxl(str(odd))
+    load_models(str(odd))
   wrong = tmp_path / "wrong_shape"
   shutil.copytree(tiny_dir, wrong)
   st = files.read_safetensors(wrong / "unet" / "diffusion_pytorch_model.safetensors")
@@ -142,6 +142,6 @@ def test_bad_pipeline_folders(tmp_path, tiny_dir):
   st["conv_in.weight"] = np.zeros((32, 4, 1, 1), np.float32)
   save_file(st, str(wrong / "unet" / "diffusion_pytorch_model.safetensors"))
   with pytest.raises(convert.WeightsError, match="conv_in.weight"):
-    load_sdxl(str(wrong), use_cache=False)
+    load_models(str(wrong), use_cache=False)
   with pytest.raises(files.CheckpointNotFound, match="neither an existing folder nor a Hub id"):
-    load_sdxl(str(tmp_path / "missing" / "x" / "y"))
+    load_models(str(tmp_path / "missing" / "x" / "y"))

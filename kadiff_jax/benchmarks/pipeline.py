@@ -41,9 +41,9 @@ def run(model: str = "tiny", steps: int = 10, inject_layers: str | None = None, 
   from kadiff_jax.pipelines import text_to_image as t2i
   from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
   from kadiff_jax.weights.ip_adapter import load_ip_adapter
-  from kadiff_jax.weights.sdxl import load_sdxl
+  from kadiff_jax.weights.models import load_models
 
-  (models, t_load) = _timed(lambda: load_sdxl(model))
+  (models, t_load) = _timed(lambda: load_models(model))
   ip_adapter = ip_adapter or models.source / TINY_IP_ADAPTER
   image_encoder = image_encoder or models.source / TINY_IMAGE_ENCODER
   adapter = load_ip_adapter(ip_adapter, image_encoder, models.unet_config)

@@ -9,7 +9,7 @@ identical ref rows; so by default jobs are packed into reference groups
 keeps both ref rows per group; `BASELINE` (the plain IP-Adapter image) needs
 only the gen rows. At step s the ref latent is the inverted trajectory's entry
 s, and the correspondence uses the reference's inversion features of step s-1
-and the cond_gen `up_blocks.0` output of this same pass at step s-1, carried
+and the cond_gen DIFT block output of this same pass at step s-1, carried
 as the denoiser's state (quirk Q3): no second pass. Thresholds and injection
 steps are traced, one per job, so changing them never recompiles.
 """
@@ -34,7 +34,7 @@ from kadiff_jax.models import ip_adapter, unet
 from kadiff_jax.pipelines import conditioning
 from kadiff_jax.pipelines import text_to_image as t2i
 from kadiff_jax.sampling import KADIFF, KADIFF_GROUPED, MASACTRL_GROUPED, RowLayout, sample
-from kadiff_jax.weights.sdxl import SDXLModels
+from kadiff_jax.weights.models import DiffusionModels
 
 BASELINE = RowLayout(("uncond_gen", "cond_gen"), "cond_gen", "uncond_gen")
 _REF_ROLES = ("uncond_ref", "cond_ref")
@@ -55,10 +55,10 @@ def _empty_corr(b: int, r: int) -> corr_lib.Correspondence:
 
 
 @persistent_jit(static_argnames=("unet_config", "steps", "mode", "layout", "selector", "inject", "resolutions",
-                                 "dtype", "upcast", "record"))
+                                 "dtype", "upcast", "record", "dift_block"))
 def kadiff_denoise(unet_params, noise, trajectory, ref_features, masks, cond, guidance, hook_args, thresholds,
                    inject_steps, *, unet_config, steps, mode, layout, selector, inject, resolutions, dtype, upcast,
-                   record=()):
+                   record=(), dift_block="up_blocks.0"):
   """Returns (final gen latents [B, h, w, C], aux); aux["x"] [S, B, h, w, C] with "trajectory" in `record`,
   aux["correspondence"] {r: Correspondence of [S, B, r*r]} with "correspondence" in `record`.
 
@@ -91,9 +91,9 @@ def kadiff_denoise(unet_params, noise, trajectory, ref_features, masks, cond, gu
     injection = InjectionArgs(active, corr)
     args = {**hook_args, "kv_injection": injection, "mutual_self_attention": injection}
     eps, aux = unet.apply(unet_params, rows, t, cond, config=unet_config, dtype=dtype, hooks=tuple(hooks),
-                          hook_args=args, capture=("up_blocks.0",) if mode == "kadiff" else (),
+                          hook_args=args, capture=(dift_block,) if mode == "kadiff" else (),
                           implementation=sharding.attention_implementation(dtype))
-    feat = layout.take(aux["up_blocks.0"], "cond_gen").astype(jnp.float32) if mode == "kadiff" else feat_prev
+    feat = layout.take(aux[dift_block], "cond_gen").astype(jnp.float32) if mode == "kadiff" else feat_prev
     return layout.guide(eps, guidance), feat, ({"correspondence": corr} if "correspondence" in record else {})
 
   feat0 = jnp.zeros((b,) + ref_features.shape[2:], jnp.float32)
@@ -117,7 +117,7 @@ class Generated(NamedTuple):
   items: tuple[int, ...] = ()  # which items, in order: all of them, or (gather=False) those on this process
 
 
-def _conditioning(models: SDXLModels, adapter, slots: Sequence[GenerationItem], options: KADiffOptions,
+def _conditioning(models: DiffusionModels, adapter, slots: Sequence[GenerationItem], options: KADiffOptions,
                   layout: RowLayout):
   """The layout's rows of embeddings and IP-Adapter tokens (spec 6.1) for the job slots [G * group]: gen rows
   from the job's prompt, ref rows from the prepared reference; uncond rows from the negative prompt; every row
@@ -133,8 +133,7 @@ def _conditioning(models: SDXLModels, adapter, slots: Sequence[GenerationItem], 
   per_role = {"uncond_gen": (neg.embeds, neg.pooled, tok_u), "uncond_ref": (neg.embeds, neg.pooled, tok_u),
               "cond_gen": (gen.embeds, gen.pooled, tok_c), "cond_ref": (ref_embeds, ref_pooled, tok_c)}
   pick = lambda k: layout.assemble({role: per_role[role][k] for role in layout.roles})
-  ids = conditioning.time_ids(options.size, options.size, n)
-  cond = unet.UNetCond(pick(0), pick(1), layout.broadcast(ids))
+  cond = conditioning.unet_cond(models, pick(0), pick(1), options.size, options.size)
   return cond, ip_adapter.IPAdapterRows(pick(2), layout.broadcast(_ip_scales(adapter, slots, options)))
 
 
@@ -184,7 +183,7 @@ def _local_rows(x: jax.Array, p: GroupPlan) -> tuple[list[int], list[np.ndarray]
   return items, rows
 
 
-def run_jobs(models: SDXLModels, adapter, items: Sequence[GenerationItem], options: KADiffOptions,
+def run_jobs(models: DiffusionModels, adapter, items: Sequence[GenerationItem], options: KADiffOptions,
              mode: str | None = None, mesh=None, record: Sequence[str] = (), *, plan: GroupPlan | None = None,
              gather: bool = True) -> Generated:
   """Generates one batch of items (data-parallel over the mesh, whole reference groups per device).
@@ -222,7 +221,7 @@ def run_jobs(models: SDXLModels, adapter, items: Sequence[GenerationItem], optio
       resolutions=injection_resolutions(models.unet_config, options.size // models.vae_scale_factor,
                                         options.layer_selector()) if mode != "baseline" else (),
       dtype=jax.tree_util.tree_leaves(models.unet_params)[0].dtype, upcast=models.unet_config.upcast_attention,
-      record=tuple(sorted(record)))
+      record=tuple(sorted(record)), dift_block=options.dift_block)
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
   images = t2i.decode(sharding.replicate(models.vae_params, mesh), z, config=models.vae_config, dtype=vae_dtype)
   if not gather:
@@ -245,7 +244,7 @@ def abstract_inputs(unet_config: unet.UNetConfig, layout: RowLayout, groups: int
                     ip_tokens: int, dtype, text_tokens: int = 77):
   """`kadiff_denoise`'s inputs after the UNet params, as shapes only, and its static arguments, for `groups`
   groups of `layout` at this latent size (the release's injection settings; for compiling without data)."""
-  from kadiff_jax.kadiff.options import default_inject_layers
+  from kadiff_jax.kadiff.options import default_dift_block, default_inject_layers
   from kadiff_jax.models.attention import HookInputs, parse_layers
   s = jax.ShapeDtypeStruct
   b, rows = groups * layout.group, groups * layout.rows
@@ -256,8 +255,9 @@ def abstract_inputs(unet_config: unet.UNetConfig, layout: RowLayout, groups: int
   cond = unet.UNetCond(row(text_tokens, ctx), *((row(unet_config.projection_class_embeddings_input_dim
                                                      - 6 * unet_config.addition_time_embed_dim), row(6))
                                                  if unet_config.addition_embed_type else (None, None)))
+  dift = default_dift_block(unet_config)
   feat = jax.eval_shape(lambda p, x, cd: unet.apply(p, x, 0.0, cd, config=unet_config, dtype=dtype,
-                                                    capture=("up_blocks.0",))[1]["up_blocks.0"],
+                                                    capture=(dift,))[1][dift],
                         params, s((1, latent, latent, c), jnp.float32),
                         jax.tree_util.tree_map(lambda a: s((1,) + a.shape[1:], a.dtype), cond)).shape[1:]
   ip_layers = {path: {n: s((ctx, site.channels), dtype) for n in ("to_k_ip", "to_v_ip")}
@@ -270,7 +270,7 @@ def abstract_inputs(unet_config: unet.UNetConfig, layout: RowLayout, groups: int
           hook_args, s((b,), jnp.float32), s((b, 2), jnp.int32))
   static = dict(unet_config=unet_config, steps=steps, mode="kadiff", layout=layout, selector=selector,
                 inject=("k", "v"), resolutions=injection_resolutions(unet_config, latent, selector), dtype=dtype,
-                upcast=unet_config.upcast_attention)
+                upcast=unet_config.upcast_attention, dift_block=dift)
   return args, static
 
 
@@ -301,7 +301,7 @@ def groups_per_device(unet_params, unet_config: unet.UNetConfig, layout: RowLayo
 JOBS_PER_GROUP = 8  # the group size the automatic batch plans for (k = 8: 17 rows per 8 images)
 
 
-def auto_batch_size(models: SDXLModels, adapter, options: KADiffOptions, mesh) -> int:
+def auto_batch_size(models: DiffusionModels, adapter, options: KADiffOptions, mesh) -> int:
   """Jobs per batch when none is given: on an accelerator, as many groups of k jobs (`group_size`, else 8) as fit
   each device's memory, from the injection pass's memory analysis; on CPU, one group per device."""
   options = options.for_model(models)

@@ -136,7 +136,8 @@ def reference_digest(reference, digests: dict | None = None) -> str:
 def job_inputs(job: Job, models, adapter, options: KADiffOptions, *, reference_sha256: str, mask: str,
                init_latents: np.ndarray | None = None, baseline: bool = False) -> dict:
   """Everything that decides a KA-Diff job's pixels (its fingerprint's inputs; options resolved for the model)."""
-  return {"model": str(models.source), "dtype": str(jax.tree_util.tree_leaves(models.unet_params)[0].dtype),
+  return {"model": str(models.source), "family": models.family.name,
+          "dtype": str(jax.tree_util.tree_leaves(models.unet_params)[0].dtype),
           "ip_adapter": str(adapter.source), "options": dataclasses.asdict(options), "prompt": job.prompt,
           "seed": job.seed, "index": job.index, "ref_prompt": job.ref_prompt, "reference_sha256": reference_sha256,
           "mask": mask, "mask_words": list(job.mask_words) if job.mask == AUTO_MASK else [],

@@ -18,9 +18,14 @@ DEFAULT_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 DEFAULT_PROMPT = "best quality, high quality"
 MODES = ("kadiff", "masactrl", "baseline")
 ROW_LAYOUTS = ("grouped", "per_job")
-# The release's layers 44-70 (spec 6.2) exist in UNets numbered like SDXL's: the last 21 transformer blocks of
-# up_blocks[0] and all of up_blocks[1]. Other UNets inject into every up-block self-attention layer.
+# The release's layers per family, in its numbering (self-attention layers counted down, mid, up from 1; the UNet's
+# own `attention_sites` numbering). SDXL: 44-70 (spec 6.2), the last 21 transformer blocks of up_blocks[0] and all
+# of up_blocks[1]. SD1.5 (its sd1.5 branch): 9-16 of down 1-6, mid 7, up 8-16, i.e. every up-block self-attention
+# but up_blocks.1.attentions.0, at H/32, H/16 and H/8; SD2.x has SD1.5's block structure and numbering, and no
+# release of its own, so it takes SD1.5's. A UNet numbered like neither (e.g. a tiny SDXL) injects into every
+# up-block self-attention layer.
 SDXL_INJECT_LAYERS = "44-70"
+SD_INJECT_LAYERS = "9-16"
 OTHER_INJECT_LAYERS = "up_blocks.*"
 
 
@@ -48,10 +53,24 @@ def parse_mask_threshold(value: str) -> str | float:
 
 
 def default_inject_layers(unet_config) -> str:
-  """The release's layers 44-70 where the UNet is numbered like SDXL's, every up-block self-attention otherwise."""
+  """The release's layers where the UNet is numbered like SDXL's (44-70) or SD1.5's (9-16), every up-block
+  self-attention otherwise."""
   from kadiff_jax.models import unet
   numbering = lambda cfg: {p: (s.kind, s.index) for p, s in unet.attention_sites(cfg).items()}
-  return SDXL_INJECT_LAYERS if numbering(unet_config) == numbering(unet.sdxl_base()) else OTHER_INJECT_LAYERS
+  for reference, layers in ((unet.sdxl_base(), SDXL_INJECT_LAYERS), (unet.sd15(), SD_INJECT_LAYERS)):
+    if numbering(unet_config) == numbering(reference):
+      return layers
+  return OTHER_INJECT_LAYERS
+
+
+def default_dift_block(unet_config) -> str:
+  """The DIFT feature block of the releases: the up block whose output is at H/16 (1/2 of the latent side), which
+  is up_blocks.0 on SDXL's 3 levels and up_blocks.1 on SD1.x/2.x's 4."""
+  b = unet_config.num_blocks - 3
+  if b < 0:
+    raise ValueError(f"this UNet has {unet_config.num_blocks} levels; DIFT features need an up block at H/16 "
+                     "(3 levels or more); choose one with dift_block")
+  return f"up_blocks.{b}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +85,10 @@ class KADiffOptions:
   negative_prompt: str = option(DEFAULT_NEGATIVE, "negative prompt of generation")
   inject_layers: str | None = option(
       None, f"self-attention layers to inject: flat numbers and/or module-path globs; default: "
-      f"{SDXL_INJECT_LAYERS} on SDXL-numbered UNets, {OTHER_INJECT_LAYERS} otherwise")
+      f"{SDXL_INJECT_LAYERS} on SDXL-numbered UNets, {SD_INJECT_LAYERS} on SD1.x/2.x-numbered ones, "
+      f"{OTHER_INJECT_LAYERS} otherwise")
+  dift_block: str | None = option(None, "UNet block whose output is the DIFT feature map for correspondence; "
+                                  "default: the up block at H/16 (up_blocks.0 on SDXL, up_blocks.1 on SD1.x/2.x)")
   inject_steps: tuple[int, int] | None = option(
       None, "START-END denoising steps with injection (0-based, inclusive); default: 19-49 of 50, scaled",
       parse=parse_step_range)
@@ -121,7 +143,12 @@ class KADiffOptions:
       raise ValueError(f"size={size}: this model needs a multiple of {unit} (square feature maps at every level)")
     layers = self.inject_layers or default_inject_layers(models.unet_config)
     parse_layers(layers).select(tuple(unet.attention_sites(models.unet_config).values()), "inject_layers")
-    return dataclasses.replace(self, size=size, inject_layers=layers, inject_steps=self.step_range())
+    dift = self.dift_block or default_dift_block(models.unet_config)
+    ups = len(models.unet_config.up_block_types)
+    if dift not in {f"up_blocks.{b}" for b in range(ups)}:
+      raise ValueError(f"dift_block={dift!r}: expected up_blocks.N with N in 0..{ups - 1} for this UNet")
+    return dataclasses.replace(self, size=size, inject_layers=layers, inject_steps=self.step_range(),
+                               dift_block=dift)
 
   def step_range(self) -> tuple[int, int]:
     """Denoising steps with injection; the reference's 19-49 of 50 scaled to other step counts."""

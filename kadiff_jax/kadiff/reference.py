@@ -5,8 +5,8 @@
 embeddings, and its DDIM inversion, run batched over the mesh on the one
 sampler (the image resized and VAE-encoded inside it): the
 latent trajectory in denoising order (entry s is what the denoiser sees at
-step s; entry 0 is z_T, the last is z0_ref) and the cond-row `up_blocks.0`
-(DIFT) features, also in denoising order (entry s was captured at the
+step s; entry 0 is z_T, the last is z0_ref) and the cond-row DIFT features (the
+output of `options.dift_block`), also in denoising order (entry s was captured at the
 timestep of denoising step s). The inversion's text cross-attention maps are
 recorded only when an automatic mask is asked for.
 
@@ -41,7 +41,7 @@ from kadiff_jax.models import ip_adapter, unet, vae
 from kadiff_jax.pipelines import conditioning
 from kadiff_jax.progress import step
 from kadiff_jax.sampling import CFG, sample
-from kadiff_jax.weights.sdxl import SDXLModels
+from kadiff_jax.weights.models import DiffusionModels
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 3
@@ -90,11 +90,12 @@ class Inversion:
     return path
 
 
-def inversion_manifest(models: SDXLModels, adapter: ip_adapter.IPAdapter, reference_sha: str, ref_prompt: str,
+def inversion_manifest(models: DiffusionModels, adapter: ip_adapter.IPAdapter, reference_sha: str, ref_prompt: str,
                        options: KADiffOptions, auto_mask: bool) -> dict[str, Any]:
   """What an inversion depends on; loading compares it field by field. The mask layers count only
   when the cross-attention maps are recorded (an automatic mask)."""
-  return {"version": CACHE_VERSION, "model": str(models.source),
+  return {"version": CACHE_VERSION, "model": str(models.source), "family": models.family.name,
+          "dift_block": options.dift_block,
           "unet": hashlib.sha256(json.dumps(models.unet_config.to_diffusers(), sort_keys=True).encode()).hexdigest()[:16],
           "ip_adapter": adapter.source, "ip_scale": ip_scale(adapter, options), "reference_sha256": reference_sha,
           "ref_prompt": ref_prompt, "steps": options.steps, "size": options.size,
@@ -167,9 +168,9 @@ def ip_scale(adapter, options: KADiffOptions) -> float:
 
 
 @persistent_jit(static_argnames=("unet_config", "vae_config", "scheduler", "num_steps", "dtype", "hooks",
-                                 "vae_dtype", "cross_attention"))
+                                 "vae_dtype", "cross_attention", "dift_block"))
 def _invert(unet_params, vae_params, pixels, cond, guidance, hook_args, *, unet_config, vae_config, scheduler,
-            num_steps, dtype, hooks, vae_dtype, cross_attention: bool):
+            num_steps, dtype, hooks, vae_dtype, cross_attention: bool, dift_block: str):
   """Encodes [B, H, W, 3] and inverts it; returns (latents [B, S+1, ...], features [B, S, ...]) in inversion
   order, and with `cross_attention` the cond rows' text cross-attention maps [B, r, r, T] averaged over
   layers and steps."""
@@ -178,9 +179,9 @@ def _invert(unet_params, vae_params, pixels, cond, guidance, hook_args, *, unet_
 
   def denoiser(z, t, i, carry):
     eps, aux = unet.apply(unet_params, CFG.broadcast(z), t, cond, config=unet_config, dtype=dtype, hooks=hooks,
-                          hook_args=hook_args, capture=("up_blocks.0",),
+                          hook_args=hook_args, capture=(dift_block,),
                           implementation=sharding.attention_implementation(dtype))
-    out = {"features": CFG.take(aux["up_blocks.0"], "cond")}
+    out = {"features": CFG.take(aux[dift_block], "cond")}
     if cross_attention:
       out["cross_attention"] = concept_mask.aggregate_layers(aux)
     return CFG.guide(eps, guidance), carry, out
@@ -191,7 +192,7 @@ def _invert(unet_params, vae_params, pixels, cond, guidance, hook_args, *, unet_
   return jnp.moveaxis(latents, 0, 1), jnp.moveaxis(aux["features"], 0, 1), attn
 
 
-def inversion_conditioning(prepared: Sequence[PreparedReference], models: SDXLModels, options: KADiffOptions,
+def inversion_conditioning(prepared: Sequence[PreparedReference], models: DiffusionModels, options: KADiffOptions,
                            scale: float):
   """UNet conditioning and IP-Adapter rows for inversion, CFG layout [uncond_i, cond_i] per reference (Q1)."""
   n = len(prepared)
@@ -204,9 +205,8 @@ def inversion_conditioning(prepared: Sequence[PreparedReference], models: SDXLMo
     neg = conditioning.encode_prompts(models, [options.negative_prompt] * n)
     neg_embeds, neg_pooled = neg.embeds, neg.pooled
     neg_tokens = jnp.asarray(np.stack([p.ip_uncond for p in prepared]))
-  cond = unet.UNetCond(CFG.interleave({"uncond": neg_embeds, "cond": embeds}),
-                       CFG.interleave({"uncond": neg_pooled, "cond": pooled}),
-                       CFG.broadcast(conditioning.time_ids(options.size, options.size, n)))
+  cond = conditioning.unet_cond(models, CFG.interleave({"uncond": neg_embeds, "cond": embeds}),
+                                CFG.interleave({"uncond": neg_pooled, "cond": pooled}), options.size, options.size)
   rows = ip_adapter.IPAdapterRows(CFG.interleave({"uncond": neg_tokens, "cond": tok_c}),
                                   jnp.full((CFG.rows * n,), scale, jnp.float32))
   return cond, rows
@@ -229,7 +229,8 @@ def _invert_batch(models, adapter, prepared: list[PreparedReference], options: K
       jnp.float32(options.inversion_guidance), hook_args, unet_config=models.unet_config,
       vae_config=models.vae_config, scheduler=kadiff_scheduler(), num_steps=options.steps,
       dtype=jax.tree_util.tree_leaves(models.unet_params)[0].dtype, hooks=hooks,
-      vae_dtype=jax.tree_util.tree_leaves(models.vae_params)[0].dtype, cross_attention=auto_mask)
+      vae_dtype=jax.tree_util.tree_leaves(models.vae_params)[0].dtype, cross_attention=auto_mask,
+      dift_block=options.dift_block)
   latents, feats = sharding.to_host(latents)[:n], sharding.to_host(feats)[:n]
   attn = sharding.to_host(attn)[:n] if auto_mask else [None] * n
   # inversion order -> denoising order: latents reversed; the feature captured at inversion call k
@@ -249,7 +250,7 @@ def _with_inputs(models, adapter, sources: Sequence[tuple[str, Image.Image, str]
           for k, (path, im, prompt) in enumerate(sources)]
 
 
-def prepare_references(models: SDXLModels, adapter: ip_adapter.IPAdapter, requests: Sequence[tuple[Any, str]],
+def prepare_references(models: DiffusionModels, adapter: ip_adapter.IPAdapter, requests: Sequence[tuple[Any, str]],
                        options: KADiffOptions, *, auto_mask: bool = False, cache_dir: str | os.PathLike | None = None,
                        mesh=None, batch_size: int | None = None, progress=None) -> list[PreparedReference]:
   """Prepares every (image path or PIL image, ref_prompt) once, in request order (repeats share one).

@@ -183,6 +183,17 @@ def tiny_sdxl() -> UNetConfig:
       addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8)
 
 
+def tiny_sd(sd2: bool = False) -> UNetConfig:
+  """A tiny UNet with SD1.5's block structure (4 levels, 2 layers per block, so the same 16 self-attention layers
+  in the same numbering); `sd2`: linear projections and upcast attention, as SD2.1's."""
+  return UNetConfig(
+      sample_size=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(32, 32, 64, 64),
+      layers_per_block=(2,) * 4, transformer_layers_per_block=(1,) * 4, attention_heads=(2, 2, 4, 4),
+      cross_attention_dim=(32,) * 4, use_linear_projection=sd2, upcast_attention=sd2, addition_embed_type=None,
+      addition_time_embed_dim=None, projection_class_embeddings_input_dim=None, norm_num_groups=8)
+
+
 @serializable
 class UNetCond(NamedTuple):
   """UNet conditioning: text tokens, and SDXL's pooled text + time ids."""

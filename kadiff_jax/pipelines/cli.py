@@ -73,7 +73,7 @@ def done_line(out, ran: int, skipped, redone) -> str:
 def _make_tiny(args) -> None:
   from pathlib import Path
   from kadiff_jax import tiny_model
-  print(tiny_model.make_tiny_model(args.dir, args.seed))
+  print(tiny_model.make_tiny_model(args.dir, args.seed, args.family))
   base = Path(args.dir)
   for name, make in tiny_model.TINY_PARTS.items():
     print(make(base.with_name(f"{base.name}-{name}"), args.seed))
@@ -100,7 +100,7 @@ def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub) -> None:
-  g = sub.add_parser("generate", help="SDXL text-to-image (IP-Adapter with --reference; KA-Diff with --mode)")
+  g = sub.add_parser("generate", help="text-to-image on any model family (IP-Adapter with --reference; KA-Diff with --mode)")
   g.add_argument("--prompt", default=None)
   g.add_argument("--out", required=True, help="output folder for PNGs (and config.yaml)")
   g.add_argument("--seed", type=int, default=0)
@@ -119,9 +119,12 @@ def add_parsers(sub) -> None:
   add_overwrite_arg(g)
   cli_args.leaf(g, ("generate",), _generate)
 
-  t = sub.add_parser("make-tiny-model", help="write a tiny random SDXL pipeline in diffusers format to DIR, and "
+  t = sub.add_parser("make-tiny-model", help="write a tiny random pipeline of one model family in diffusers "
+                     "format to DIR, and "
                      "tiny CLIP, DINO and LLaVA-OneVision models to DIR-clip, DIR-dino, DIR-mllm (what 'tiny' "
                      "names for --clip, --dino and --rerank, which make their own in the cache)")
   t.add_argument("dir")
   t.add_argument("--seed", type=int, default=0)
+  from kadiff_jax.tiny_model import TINY_FAMILIES
+  t.add_argument("--family", default="sdxl", choices=TINY_FAMILIES, help="the model family (default: sdxl)")
   cli_args.leaf(t, ("make-tiny-model",), _make_tiny)

@@ -1,4 +1,4 @@
-"""SDXL text-to-image: a denoiser over the one sampler (`kadiff_jax.sampling`), data-parallel.
+"""Text-to-image on every model family: a denoiser over the one sampler (`kadiff_jax.sampling`), data-parallel.
 
 Noise for image i of a job with seed s is `normal(fold_in(PRNGKey(s), i))`, so
 an image's noise does not depend on how jobs are batched or sharded. The same
@@ -25,43 +25,70 @@ from kadiff_jax.outputs import OutputDir
 from kadiff_jax.pipelines import conditioning
 from kadiff_jax.programs import persistent_jit
 from kadiff_jax.sampling import CFG, NO_CFG, RowLayout, sample
-from kadiff_jax.weights.sdxl import SDXLModels
+from kadiff_jax.weights.models import DiffusionModels
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationOptions:
-  """Text-to-image options (defaults: diffusers' SDXL pipeline)."""
+  """Text-to-image options; unset ones come from the model (`for_model`): its family's steps and guidance, its
+  folder's scheduler, its UNet's size."""
 
-  steps: int = option(50, "denoising steps")
-  guidance: float = option(5.0, "classifier-free guidance (<= 1: no unconditional rows are run)")
-  scheduler: str = option("euler", "euler (SDXL's default) or ddim", choices=tuple(schedulers.SCHEDULERS))
+  steps: int | None = option(None, "denoising steps; default: the model family's (50; 1 for SD-Turbo and "
+                             "SDXL-Turbo)")
+  guidance: float | None = option(None, "classifier-free guidance (<= 1: no unconditional rows are run); default: "
+                                  "the family's (5.0 SDXL, 7.5 SD1.x/2.x, 0 turbo)")
+  scheduler: str | None = option(None, "default: the model folder's scheduler where implemented, else ddim",
+                                 choices=tuple(schedulers.SCHEDULERS))
   height: int | None = option(None, "image height; default: the UNet's sample_size x VAE factor (1024 for SDXL)")
   width: int | None = option(None, "image width; default as height")
 
   def __post_init__(self):
-    if self.steps < 1:
+    if self.steps is not None and self.steps < 1:
       raise ValueError(f"steps={self.steps}: expected at least 1")
-    if self.scheduler not in schedulers.SCHEDULERS:
+    if self.scheduler is not None and self.scheduler not in schedulers.SCHEDULERS:
       raise ValueError(f"scheduler={self.scheduler!r}: expected one of {sorted(schedulers.SCHEDULERS)}")
     for name in ("height", "width"):
       v = getattr(self, name)
       if v is not None and (v <= 0 or v % 8):
         raise ValueError(f"{name}={v}: expected a positive multiple of 8")
 
-  def size(self, models: SDXLModels) -> tuple[int, int]:
-    h = self.height or models.default_size
-    w = self.width or models.default_size
+  def for_model(self, models: DiffusionModels) -> "GenerationOptions":
+    """These options with every unset value taken from the model, and checked against it."""
+    h, w = self.height or models.default_size, self.width or models.default_size
     f = models.vae_scale_factor
     for name, v in (("height", h), ("width", w)):
       if v <= 0 or v % f:
         raise ValueError(f"{name}={v}: expected a positive multiple of {f} (the VAE's downsampling factor)")
-    return h, w
+    return dataclasses.replace(
+        self, steps=self.steps or models.family.steps,
+        guidance=models.family.guidance if self.guidance is None else self.guidance,
+        scheduler=self.scheduler or folder_scheduler(models), height=h, width=w)
+
+  def size(self, models: DiffusionModels) -> tuple[int, int]:
+    o = self.for_model(models)
+    return o.height, o.width
+
+
+def folder_scheduler(models: DiffusionModels) -> str:
+  """The scheduler of the model folder (diffusers' default for its pipeline) when we implement it, else DDIM on
+  the folder's noise schedule (e.g. for SD1.5's PNDM)."""
+  return schedulers.DIFFUSERS_CLASSES.get(models.scheduler_config.get("_class_name"), "ddim")
+
+
+def image_key(seed: int, index: int) -> jax.Array:
+  """The PRNG key of image `index` of a job with `seed`: its initial noise is normal(key), and a stochastic
+  scheduler's noise of step i is normal(fold_in(split(key)[1], i))."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), int(index))
+
+
+def step_keys(seeds_indices: Sequence[tuple[int, int]]) -> np.ndarray:
+  """Per-image keys [N, 2] of a stochastic scheduler's step noise (see `image_key`)."""
+  return np.stack([np.asarray(jax.random.split(image_key(s, i))[1]) for s, i in seeds_indices]).astype(np.uint32)
 
 
 def initial_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> jax.Array:
   """Per-image Gaussian noise [N, h, w, C]: image i uses fold_in(PRNGKey(seed), i)."""
-  key = jax.random.PRNGKey(seed)
-  return jnp.stack([jax.random.normal(jax.random.fold_in(key, int(i)), shape, jnp.float32) for i in indices])
+  return jnp.stack([jax.random.normal(image_key(seed, i), shape, jnp.float32) for i in indices])
 
 
 @persistent_jit(static_argnames=("unet_config", "scheduler", "layout", "dtype", "hooks"))
@@ -88,7 +115,7 @@ def decode(vae_params, latents, *, config, dtype):
   return vae.decode(vae_params, latents, config=config, dtype=dtype)
 
 
-def place_params(models: SDXLModels, adapter, mesh):
+def place_params(models: DiffusionModels, adapter, mesh):
   """UNet and VAE params (and IP-Adapter layers) replicated over the mesh, done once per job list."""
   models = dataclasses.replace(models, unet_params=sharding.replicate(models.unet_params, mesh),
                                vae_params=sharding.replicate(models.vae_params, mesh))
@@ -104,6 +131,7 @@ class Batch:
   noise: np.ndarray  # [B, h, w, C]
   references: list | None = None      # per image: RGB PIL image or None (IP-Adapter)
   ip_scales: list[float] | None = None
+  step_keys: np.ndarray | None = None  # [B, 2] per-image keys of a stochastic scheduler's step noise
 
 
 def ip_rows(adapter: ip_adapter.IPAdapter, batch: Batch, layout: RowLayout) -> ip_adapter.IPAdapterRows:
@@ -125,10 +153,11 @@ def ip_rows(adapter: ip_adapter.IPAdapter, batch: Batch, layout: RowLayout) -> i
   return ip_adapter.IPAdapterRows(layout.interleave(tokens), layout.broadcast(scales))
 
 
-def run_batch(models: SDXLModels, batch: Batch, options: GenerationOptions, mesh=None,
+def run_batch(models: DiffusionModels, batch: Batch, options: GenerationOptions, mesh=None,
               adapter: ip_adapter.IPAdapter | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Generates one batch; returns (final latents [B, h, w, C], images [B, H, W, 3] in [-1, 1])."""
-  h, w = options.size(models)
+  options = options.for_model(models)
+  h, w = options.height, options.width
   f = models.vae_scale_factor
   want = (h // f, w // f, models.unet_config.in_channels)
   if batch.noise.shape[1:] != want:
@@ -138,16 +167,19 @@ def run_batch(models: SDXLModels, batch: Batch, options: GenerationOptions, mesh
   sched = schedulers.from_name(options.scheduler, models.scheduler_config)
   state = sched.set_timesteps(options.steps)
   n = len(batch.prompts)
+  mesh = mesh or sharding.data_mesh()
+  if schedulers.stochastic(sched):
+    if batch.step_keys is None:
+      raise ValueError(f"scheduler {options.scheduler!r} adds noise every step: the batch needs step_keys")
+    state = sched.with_keys(state, sharding.shard_jobs(np.asarray(batch.step_keys, np.uint32), mesh, n))
   pos = conditioning.encode_prompts(models, batch.prompts)
   layout = CFG if options.guidance > 1.0 else NO_CFG  # guidance <= 1: no unconditional rows at all
-  ids = conditioning.time_ids(h, w, n)
   embeds, pooled = {"cond": pos.embeds}, {"cond": pos.pooled}
   if layout.uncond:
     neg = conditioning.encode_negative(models, batch.negative_prompts, pos)
     embeds["uncond"], pooled["uncond"] = neg.embeds, neg.pooled
-  mesh = mesh or sharding.data_mesh()
-  cond = sharding.shard_jobs(unet.UNetCond(layout.interleave(embeds), layout.interleave(pooled),
-                                           layout.broadcast(ids)), mesh, n, layout.rows)
+  cond = sharding.shard_jobs(conditioning.unet_cond(models, layout.interleave(embeds), layout.interleave(pooled),
+                                                    h, w), mesh, n, layout.rows)
   noise = sharding.shard_jobs(jnp.asarray(batch.noise, jnp.float32), mesh, n)
   hooks, hook_args = (), None
   if adapter is not None:
@@ -162,14 +194,15 @@ def run_batch(models: SDXLModels, batch: Batch, options: GenerationOptions, mesh
   return sharding.to_host(latents)[:n], sharding.to_host(images)[:n]
 
 
-def job_inputs(job: Job, models: SDXLModels, options: GenerationOptions, adapter: ip_adapter.IPAdapter | None = None,
+def job_inputs(job: Job, models: DiffusionModels, options: GenerationOptions, adapter: ip_adapter.IPAdapter | None = None,
                init_latents: np.ndarray | None = None) -> dict:
   """Everything that decides a text-to-image (or IP-Adapter) job's pixels: its record's fingerprinted inputs."""
   from kadiff_jax import records
-  h, w = options.size(models)
+  options = options.for_model(models)
   uses_adapter = adapter is not None and job.reference
-  return {"model": str(models.source), "dtype": str(jax.tree_util.tree_leaves(models.unet_params)[0].dtype),
-          "options": {**dataclasses.asdict(options), "height": h, "width": w}, "prompt": job.prompt,
+  return {"model": str(models.source), "family": models.family.name,
+          "dtype": str(jax.tree_util.tree_leaves(models.unet_params)[0].dtype),
+          "options": dataclasses.asdict(options), "prompt": job.prompt,
           "negative_prompt": job.negative_prompt, "seed": job.seed, "index": job.index,
           "ip_adapter": adapter.source if uses_adapter else None,
           "reference_sha256": records.image_sha256(image_io.load_rgb(job.reference))
@@ -178,7 +211,7 @@ def job_inputs(job: Job, models: SDXLModels, options: GenerationOptions, adapter
           "init_latents_sha256": None if init_latents is None else records.array_sha256(init_latents)}
 
 
-def generate(models: SDXLModels, jobs: Sequence[Job], options: GenerationOptions, out_dir=None, *,
+def generate(models: DiffusionModels, jobs: Sequence[Job], options: GenerationOptions, out_dir=None, *,
              init_latents: np.ndarray | None = None, batch_size: int | None = None, mesh=None,
              progress: bool = True, extra_metadata: dict[str, Any] | None = None,
              adapter: ip_adapter.IPAdapter | None = None,
@@ -192,7 +225,8 @@ def generate(models: SDXLModels, jobs: Sequence[Job], options: GenerationOptions
   """
   if adapter is None and any(j.reference for j in jobs):
     raise ValueError("jobs name reference images but no IP-Adapter is loaded (--ip-adapter and --image-encoder)")
-  h, w = options.size(models)
+  options = options.for_model(models)
+  h, w = options.height, options.width
   f = models.vae_scale_factor
   shape = (h // f, w // f, models.unet_config.in_channels)
   if init_latents is not None and init_latents.shape != (len(jobs),) + shape:
@@ -212,7 +246,8 @@ def generate(models: SDXLModels, jobs: Sequence[Job], options: GenerationOptions
     if adapter is not None:
       refs = [image_io.load_rgb(j.reference) if j.reference else None for j in chunk]
       scales = [adapter.default_scale if j.ip_scale is None else j.ip_scale for j in chunk]
-    batch = Batch([j.prompt for j in chunk], [j.negative_prompt for j in chunk], np.asarray(noise), refs, scales)
+    batch = Batch([j.prompt for j in chunk], [j.negative_prompt for j in chunk], np.asarray(noise), refs, scales,
+                  step_keys([(j.seed, j.index) for j in chunk]))
     latents, images = run_batch(models, batch, options, mesh, adapter)
     images = image_io.to_uint8(images)
     if out is not None and sharding.is_writer():
@@ -221,8 +256,8 @@ def generate(models: SDXLModels, jobs: Sequence[Job], options: GenerationOptions
                 "index": str(j.index), **({"reference": j.reference, "ip_adapter": adapter.source,
                                             "ip_scale": str(adapter.default_scale if j.ip_scale is None
                                                             else j.ip_scale)} if adapter and j.reference else {}),
-                "kadiff": {"model": str(models.source), **dataclasses.asdict(options),
-                                                  "height": h, "width": w, **(extra_metadata or {})}}
+                "kadiff": {"model": str(models.source), "family": models.family.name,
+                           **dataclasses.asdict(options), **(extra_metadata or {})}}
         out.write_bytes(f"{j.id}.png", image_io.png_bytes(img, meta))
         if records and j.id in records:
           out.write_text(f"{j.id}.json", json.dumps(records[j.id], indent=1, default=str))

@@ -31,7 +31,7 @@ def _xp(*values):
 
 
 @dataclasses.dataclass(frozen=True)
-class RowLayout:
+class RowLayout:  # reshapes name every size: -1 cannot be inferred for zero-width values (SD's pooled [B, 0])
   roles: tuple[str, ...]     # in row order within a group
   cond: str                  # the role whose prediction is kept (guided when `uncond` is set)
   uncond: str | None = None
@@ -80,15 +80,15 @@ class RowLayout:
     parts = []
     for r in self.roles:
       a = xp.asarray(per_role[r])
-      parts.append(a.reshape((-1, self.count(r)) + a.shape[1:]))  # [G, count, ...]
+      parts.append(a.reshape((a.shape[0] // self.count(r), self.count(r)) + a.shape[1:]))  # [G, count, ...]
     stacked = xp.concatenate(parts, axis=1)
-    return stacked.reshape((-1,) + stacked.shape[2:])
+    return stacked.reshape((stacked.shape[0] * stacked.shape[1],) + stacked.shape[2:])
 
   def per_group(self, x: jax.Array) -> jax.Array:
     """A per-job value [G * group, ...] as the value of each group's first job [G, ...] (for shared rows, whose
     jobs agree on it)."""
     x = _xp(x).asarray(x)
-    return x.reshape((-1, self.group) + x.shape[1:])[:, 0]
+    return x.reshape((x.shape[0] // self.group, self.group) + x.shape[1:])[:, 0]
 
   def assemble(self, per_role: Mapping[str, jax.Array]) -> jax.Array:
     """{role: per-job value [G * group, ...]} -> [G * rows, ...]; a shared role's row takes its group's first job's
@@ -101,12 +101,12 @@ class RowLayout:
 
   def split(self, rows: jax.Array) -> jax.Array:
     """[G * rows, ...] -> [G, rows, ...]."""
-    return rows.reshape((-1, self.rows) + rows.shape[1:])
+    return rows.reshape((rows.shape[0] // self.rows, self.rows) + rows.shape[1:])
 
   def take(self, rows: jax.Array, role: str) -> jax.Array:
     """One role's rows: [G * rows, ...] -> [G * count(role), ...]."""
     picked = self.split(rows)[:, self.span(role)]
-    return picked.reshape((-1,) + picked.shape[2:])
+    return picked.reshape((picked.shape[0] * picked.shape[1],) + picked.shape[2:])
 
   def guide(self, eps: jax.Array, guidance) -> jax.Array:
     """The per-job prediction [G * group, ...] from the rows' predictions [G * rows, ...]."""

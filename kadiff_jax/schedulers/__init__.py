@@ -1,11 +1,14 @@
-"""Pure diffusion schedulers: `make(name, config_dict, num_steps)` -> (scheduler, state)."""
+"""Pure diffusion schedulers: `from_name(name, diffusers_config)` -> scheduler; `scheduler.set_timesteps(n)` -> state."""
 
 from kadiff_jax.schedulers.common import SchedulerConfig
 from kadiff_jax.schedulers.ddim import DDIM
 from kadiff_jax.schedulers.euler import EulerDiscrete
 from kadiff_jax.schedulers.euler_ancestral import EulerAncestralDiscrete
 
-SCHEDULERS = {"ddim": DDIM, "euler": EulerDiscrete}
+SCHEDULERS = {"ddim": DDIM, "euler": EulerDiscrete, "euler_ancestral": EulerAncestralDiscrete}
+# diffusers scheduler classes -> our names (a folder's scheduler is the default of its pipeline)
+DIFFUSERS_CLASSES = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                     "EulerAncestralDiscreteScheduler": "euler_ancestral"}
 
 
 def from_name(name: str, config: dict | None = None):
@@ -15,6 +18,10 @@ def from_name(name: str, config: dict | None = None):
   return SCHEDULERS[name].from_diffusers(config or {})
 
 
-# EulerAncestralDiscrete needs per-job noise keys from its caller, which the pipelines do not pass yet (the
-# model-families issue wires it for the turbo models), so it is not one of the selectable SCHEDULERS.
-__all__ = ["DDIM", "EulerAncestralDiscrete", "EulerDiscrete", "SCHEDULERS", "SchedulerConfig", "from_name"]
+def stochastic(scheduler) -> bool:
+  """Whether the scheduler adds fresh noise every step (its state then needs per-row keys: `with_keys`)."""
+  return isinstance(scheduler, EulerAncestralDiscrete)
+
+
+__all__ = ["DDIM", "DIFFUSERS_CLASSES", "EulerAncestralDiscrete", "EulerDiscrete", "SCHEDULERS", "SchedulerConfig",
+           "from_name", "stochastic"]

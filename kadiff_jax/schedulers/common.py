@@ -16,7 +16,7 @@ _OTHER_CLASS_FIELDS = {
     "interpolation_type", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "sigma_min",
     "sigma_max", "timestep_type", "final_sigmas_type", "clip_sample", "clip_sample_range", "set_alpha_to_one",
     "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "skip_prk_steps", "variance_type",
-    "rescale_betas_zero_snr", "algorithm_type", "solver_order", "solver_type", "lower_order_final",
+    "algorithm_type", "solver_order", "solver_type", "lower_order_final",
     "use_lu_lambdas", "euler_at_final", "lambda_min_clipped", "variance_type", "predict_x0", "solver_p",
     "disable_corrector", "use_flow_sigmas", "flow_shift", "sigma_data", "shift",
 }
@@ -42,9 +42,14 @@ class SchedulerConfig:
   prediction_type: str = "epsilon"
   timestep_spacing: str = "leading"
   steps_offset: int = 0
+  rescale_betas_zero_snr: bool = False
 
   def alphas_cumprod(self) -> np.ndarray:
-    """float32 cumulative products, as diffusers computes them in torch float32."""
+    """float32 cumulative products, as diffusers computes them in torch float32.
+
+    With `rescale_betas_zero_snr` (Lin et al. 2024, Alg. 1) sqrt(alphas_cumprod) is shifted and scaled so the
+    last timestep has zero SNR and the first keeps its value; the schedulers that divide by the terminal
+    level then use 2**-24 there, as diffusers does."""
     n = self.num_train_timesteps
     if self.trained_betas is not None:
       betas = np.asarray(self.trained_betas, np.float32)
@@ -58,6 +63,8 @@ class SchedulerConfig:
     else:
       raise ConfigError(f"scheduler config field 'beta_schedule' = {self.beta_schedule!r} is not supported "
                         "(expected linear, scaled_linear or squaredcos_cap_v2)")
+    if self.rescale_betas_zero_snr:
+      betas = _zero_terminal_snr(betas)
     # torch's CPU cumprod accumulates float32 in float64; doing the same makes the schedule bit-exact
     return np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)
 
@@ -74,6 +81,16 @@ class SchedulerConfig:
       return np.linspace(0, n - 1, num_steps)[::-1].copy()
     raise ConfigError(f"scheduler config field 'timestep_spacing' = {self.timestep_spacing!r} is not supported "
                       "(expected leading, trailing or linspace)")
+
+
+def _zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+  """Betas whose cumulative alpha ends at exactly 0 (diffusers' `rescale_zero_terminal_snr`), in float32."""
+  root = np.sqrt(np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32))
+  first, last = root[0], root[-1]
+  root = (root - last) * (first / (first - last))
+  bar = root ** 2
+  alphas = np.concatenate([bar[:1], bar[1:] / bar[:-1]])
+  return (1.0 - alphas).astype(np.float32)
 
 
 def split_config(cls_name: str, cfg: dict[str, Any], own: dict[str, Any]) -> tuple[SchedulerConfig, dict]:

@@ -31,11 +31,9 @@ class DDIM:
   @classmethod
   def from_diffusers(cls, cfg: dict[str, Any]) -> "DDIM":
     sc, own = split_config("DDIMScheduler", cfg, {"clip_sample": True, "clip_sample_range": 1.0,
-                                                  "set_alpha_to_one": True, "thresholding": False,
-                                                  "rescale_betas_zero_snr": False})
-    for k in ("thresholding", "rescale_betas_zero_snr"):
-      if own.pop(k):
-        raise ConfigError(f"DDIMScheduler config field {k!r} = True is not supported")
+                                                  "set_alpha_to_one": True, "thresholding": False})
+    if own.pop("thresholding"):
+      raise ConfigError("DDIMScheduler config field 'thresholding' = True is not supported")
     return cls(sc, **own)
 
   def set_timesteps(self, num_steps: int) -> DDIMState:

@@ -36,7 +36,7 @@ class EulerDiscrete:
   def from_diffusers(cls, cfg: dict[str, Any]) -> "EulerDiscrete":
     fixed = {"interpolation_type": "linear", "use_karras_sigmas": False, "use_exponential_sigmas": False,
              "use_beta_sigmas": False, "timestep_type": "discrete", "final_sigmas_type": "zero",
-             "rescale_betas_zero_snr": False, "sigma_min": None, "sigma_max": None}
+             "sigma_min": None, "sigma_max": None}
     sc, own = split_config("EulerDiscreteScheduler", cfg, fixed)
     for k, v in own.items():
       if v != fixed[k]:
@@ -47,6 +47,8 @@ class EulerDiscrete:
 
   def set_timesteps(self, num_steps: int) -> EulerState:
     ac = self.config.alphas_cumprod()
+    if self.config.rescale_betas_zero_snr:
+      ac[-1] = 2.0 ** -24  # zero SNR would make the first sigma infinite
     ts = self.config.spaced_timesteps(num_steps).astype(np.float32)
     sigmas = ((1 - ac) / ac) ** 0.5
     sigmas = np.interp(ts, np.arange(len(sigmas)), sigmas)

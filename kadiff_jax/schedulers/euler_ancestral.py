@@ -39,12 +39,7 @@ class EulerAncestralDiscrete:
 
   @classmethod
   def from_diffusers(cls, cfg: dict[str, Any]) -> "EulerAncestralDiscrete":
-    fixed = {"rescale_betas_zero_snr": False}
-    sc, own = split_config("EulerAncestralDiscreteScheduler", cfg, fixed)
-    for k, v in own.items():
-      if v != fixed[k]:
-        raise ConfigError(f"EulerAncestralDiscreteScheduler config field {k!r} = {v!r} is not supported "
-                          f"(only {fixed[k]!r})")
+    sc, _ = split_config("EulerAncestralDiscreteScheduler", cfg, {})
     if sc.prediction_type == "sample":
       raise ConfigError("EulerAncestralDiscreteScheduler config field 'prediction_type' = 'sample' is not supported")
     return cls(sc)

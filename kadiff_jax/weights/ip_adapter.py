@@ -113,7 +113,8 @@ def load_ip_adapter(checkpoint: str | Path, image_encoder: str | Path, unet_conf
   out_dim = pcfg.output_dim if isinstance(pcfg, image_proj.ResamplerConfig) else pcfg.cross_attention_dim
   if out_dim != unet_config.cross_attention_dim[0]:
     raise convert.WeightsError(f"{checkpoint} makes {out_dim}-wide tokens; the UNet's cross_attention_dim is "
-                               f"{unet_config.cross_attention_dim[0]}")
+                               f"{unet_config.cross_attention_dim[0]}: the adapter was made for another model family "
+                               "(e.g. an SDXL adapter on SD1.5; use the adapter made for this model)")
   renames = _RESAMPLER_RENAMES if isinstance(pcfg, image_proj.ResamplerConfig) else ()
   proj = convert.torch_to_params(proj_state, image_proj.init_shapes(pcfg), component=f"image_proj ({checkpoint})",
                                  renames=renames, dtype=dtype)
