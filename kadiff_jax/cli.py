@@ -16,6 +16,7 @@ from kadiff_jax.cli_args import UsageError  # noqa: F401  (re-exported for calle
 def build_parser() -> argparse.ArgumentParser:
   from kadiff_jax.benchmarks import cli as benchmarks_cli
   from kadiff_jax.evaluation import cli as evaluation_cli
+  from kadiff_jax.interpolation import cli as interpolation_cli
   from kadiff_jax.kadiff import cli as kadiff_cli
   from kadiff_jax.pipelines import cli as pipelines_cli
   from retrieval import cli as retrieval_cli
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
   pipelines_cli.add_parsers(sub)
   kadiff_cli.add_parsers(sub)
+  interpolation_cli.add_parsers(sub)
   retrieval_cli.add_parser(sub)
   evaluation_cli.add_parsers(sub)
   benchmarks_cli.add_parsers(sub)

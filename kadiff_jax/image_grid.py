@@ -41,9 +41,10 @@ def _tile(image: np.ndarray | None, height: int, note: str) -> Image.Image:
 
 
 def labelled_row(tiles: Sequence[tuple[str, np.ndarray | None]], caption: str = "", *, height: int | None = None,
-                 missing: str = "not run") -> np.ndarray:
-  """[(title, image or None)] side by side at one height (default: the largest, at least 256), each titled,
-  with `caption` wrapped under the row; None tiles say `missing`. Returns uint8 RGB."""
+                 missing: str = "not run", titles_below: bool = False) -> np.ndarray:
+  """[(title, image or None)] side by side at one height (default: the largest, at least 256), each titled
+  (above, or under it with `titles_below`), with `caption` wrapped under the row; None tiles say `missing`.
+  Returns uint8 RGB."""
   given = [im for _, im in tiles if im is not None]
   height = height or max([256] + [np.asarray(im).shape[0] for im in given])
   pad, font = max(4, height // 64), _font(max(11, height // 16))
@@ -56,8 +57,9 @@ def labelled_row(tiles: Sequence[tuple[str, np.ndarray | None]], caption: str = 
   draw = ImageDraw.Draw(canvas)
   x = pad
   for (title, _), panel in zip(tiles, panels):
-    draw.text((x + panel.width // 2, pad), title, fill="black", font=font, anchor="ma")
-    canvas.paste(panel, (x, pad + line))
+    draw.text((x + panel.width // 2, pad + (height + pad if titles_below else 0)), title, fill="black", font=font,
+              anchor="ma")
+    canvas.paste(panel, (x, pad + (0 if titles_below else line)))
     x += panel.width + pad
   y = pad + line + height + pad
   for text in caption_lines:

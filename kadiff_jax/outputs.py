@@ -70,12 +70,15 @@ class OutputDir:
     path = self._name(name)
     return Path(path).is_file() if self._local is not None else self._fs.isfile(path)
 
-  def read_text(self, name: str) -> str:
+  def read_bytes(self, name: str) -> bytes:
     path = self._name(name)
     if self._local is not None:
-      return Path(path).read_text()
+      return Path(path).read_bytes()
     with self._fs.open(path, "rb") as f:
-      return f.read().decode()
+      return f.read()
+
+  def read_text(self, name: str) -> str:
+    return self.read_bytes(name).decode()
 
   def write_bytes(self, name: str, data: bytes) -> str:
     path = self._name(name)

@@ -234,7 +234,30 @@ def make_tiny_dino(folder: str | os.PathLike, seed: int = 0) -> Path:
   return folder
 
 
-TINY_PARTS = {"clip": make_tiny_clip, "dino": make_tiny_dino}  # beside the model folder, made on first use
+def make_tiny_lpips(folder: str | os.PathLike, seed: int = 0) -> Path:
+  """Random LPIPS weights in the public layouts: `alexnet.safetensors` (torchvision AlexNet `features.*`) and
+  `alex.safetensors` (lpips v0.1 heads `lin{k}.model.1.weight`, non-negative as trained ones are)."""
+  from safetensors.numpy import save_file
+  from kadiff_jax.metrics.lpips import ALEXNET
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng([seed, 24])
+  backbone, heads, cin = {}, {}, 3
+  for k, (i, cout, size, *_) in enumerate(ALEXNET):
+    fan_in = cin * size * size
+    backbone[f"features.{i}.weight"] = (rng.standard_normal((cout, cin, size, size)) / np.sqrt(fan_in)).astype(
+        np.float32)
+    backbone[f"features.{i}.bias"] = (0.05 * rng.standard_normal(cout)).astype(np.float32)
+    heads[f"lin{k}.model.1.weight"] = np.abs(rng.standard_normal((1, cout, 1, 1)) / cout).astype(np.float32)
+    cin = cout
+  save_file(backbone, str(folder / "alexnet.safetensors"))
+  save_file(heads, str(folder / "alex.safetensors"))
+  (folder / "config.json").write_text(json.dumps({"model_type": "lpips", "net": "alex", "version": "0.1",
+                                                  "backbone": "alexnet.safetensors", "lin": "alex.safetensors"}))
+  return folder
+
+
+TINY_PARTS = {"clip": make_tiny_clip, "dino": make_tiny_dino, "lpips": make_tiny_lpips}  # made on first use
 
 
 def tiny_part(name: str, cache_dir: Path | None = None, seed: int = 0) -> Path:

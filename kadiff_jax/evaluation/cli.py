@@ -1,13 +1,17 @@
-"""`kadiff evaluate dreambooth`: generate and score the DreamBooth evaluation (CSV, Markdown, chart)."""
+"""`kadiff evaluate dreambooth` and `kadiff evaluate interpolation`: generate and score (CSV, Markdown, chart)."""
 
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 from kadiff_jax import cli_args, config
 from kadiff_jax.cli_args import UsageError
 from kadiff_jax.kadiff.options import KADiffOptions
 from kadiff_jax.weights.options import ModelOptions
+
+log = logging.getLogger("kadiff_jax")
 
 
 def _csv_list(value, name: str, kind=str):
@@ -56,6 +60,41 @@ def _evaluate(args) -> None:
                     "summary": {m: {k: round(v[0], 6) for k, v in s.items()} for m, s in table.items()}}))
 
 
+def _evaluate_interpolation(args) -> None:
+  from kadiff_jax.evaluation import interpolation as ev
+  from kadiff_jax.interpolation.cli import _coefficients
+  from kadiff_jax.interpolation.pipeline import InterpolationOptions
+  from kadiff_jax.metrics import lpips
+  from kadiff_jax.metrics.clip_score import DEFAULT_CLIP, CLIPScorer
+  from kadiff_jax.progress import step
+  try:
+    pairs = ev.read_pairs(args.pairs)
+  except FileNotFoundError:
+    raise UsageError(f"--pairs {args.pairs}: no such file") from None
+  methods = _csv_list(args.methods, "methods")
+  if not methods or set(methods) - set(ev.METHODS):
+    raise UsageError(f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(ev.METHODS)}")
+  args.dynamic = False
+  coefs = _coefficients(args)
+  options = config.build(InterpolationOptions, args)
+  model_opts = config.build(ModelOptions, args)
+  args.clip = args.clip or ("tiny" if model_opts.model.startswith("tiny") else DEFAULT_CLIP)
+  with step("loading the metric models: CLIP %s, LPIPS %s", args.clip, args.lpips_backbone or "none"):
+    clip, lpips_params = CLIPScorer(args.clip), lpips.load_named(args.lpips_backbone, args.lpips_lin)
+  note = (f"LPIPS: AlexNet `{args.lpips_backbone}`" if lpips_params is not None else
+          "no LPIPS weights given (--lpips-backbone/--lpips-lin, or --lpips-backbone tiny): smoothness and "
+          "consistency not computed")
+  if lpips_params is None:
+    log.warning(note)
+  models = model_opts.load()
+  cli_args.write_config(args.out, args, model=model_opts, interpolation=options)
+  rows = ev.run(models, pairs, methods, coefs, options, args.out, clip=clip, lpips_params=lpips_params,
+                overwrite=args.overwrite)
+  paths = ev.write_reports(rows, args.out, lpips_note=note)
+  print((Path(args.out) / "summary.md").read_text(), end="")
+  print(json.dumps({"pairs": len(pairs), "rows": len(rows), **paths}))
+
+
 def add_parsers(sub) -> None:
   from kadiff_jax.pipelines.cli import add_common, add_overwrite_arg
   ev = sub.add_parser("evaluate", help="evaluation runners (CSV, Markdown table, chart)")
@@ -78,3 +117,26 @@ def add_parsers(sub) -> None:
   add_common(ed, KADiffOptions, group="KA-Diff")
   add_overwrite_arg(ed)
   cli_args.leaf(ed, ("evaluate", "dreambooth"), _evaluate)
+
+  from kadiff_jax.evaluation.interpolation import METHODS
+  from kadiff_jax.interpolation.pipeline import InterpolationOptions
+  ei = evsub.add_parser("interpolation", help="attention interpolation methods over prompt pairs, scored for "
+                        "smoothness, consistency (LPIPS) and CLIP fidelity")
+  ei.add_argument("--pairs", required=True, help="JSONL of {prompt_a, prompt_b, guide_prompt?, id?, seed?}, or "
+                  "tab-separated lines A<TAB>B[<TAB>guide]")
+  ei.add_argument("--out", required=True, help="folder for frames, strips, records, CSVs, summary.md and chart.png")
+  ei.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+  ei.add_argument("--coefs", default=None, help="middle coefficients, e.g. 0.25,0.5,0.75")
+  ei.add_argument("--frames", type=int, default=5, help="frames from the Beta prior when --coefs is not given")
+  ei.add_argument("--alpha", type=float, default=1.0, help="Beta prior alpha (default 1: evenly spaced)")
+  ei.add_argument("--beta", type=float, default=1.0, help="Beta prior beta (default 1: evenly spaced)")
+  ei.add_argument("--clip", default=None, help="CLIPModel for fidelity (default: openai/clip-vit-base-patch32, or "
+                  "tiny with a tiny model)")
+  ei.add_argument("--lpips-backbone", default=None, help="torchvision AlexNet weights (alexnet-owt-7be5be79.pth), or "
+                  "'tiny' (random weights, offline)")
+  ei.add_argument("--lpips-lin", default=None, help="the lpips package's weights/v0.1/alex.pth")
+  cli_args.add_config_arg(ei)
+  config.add_options(ei, ModelOptions, group="model")
+  config.add_options(ei, InterpolationOptions, group="interpolation")
+  add_overwrite_arg(ei)
+  cli_args.leaf(ei, ("evaluate", "interpolation"), _evaluate_interpolation)

@@ -56,12 +56,12 @@ def per_subject(rows: Sequence[dict]) -> list[dict]:
   return out
 
 
-def summary(rows: Sequence[dict]) -> dict[str, dict[str, tuple[float, float]]]:
-  """{method: {metric: (mean, standard error)}} over all images, methods in first-seen order."""
+def summary(rows: Sequence[dict], metrics: Sequence[str] = METRICS) -> dict[str, dict[str, tuple[float, float]]]:
+  """{method: {metric: (mean, standard error)}} over all rows, methods in first-seen order."""
   by_method: dict[str, list[dict]] = {}
   for r in rows:
     by_method.setdefault(r["method"], []).append(r)
-  return {m: {k: _mean_sem([r[k] for r in rs]) for k in METRICS} for m, rs in by_method.items()}
+  return {m: {k: _mean_sem([r[k] for r in rs]) for k in metrics} for m, rs in by_method.items()}
 
 
 def markdown(rows: Sequence[dict], title: str = "DreamBooth evaluation", *, clip: str = "openai/clip-vit-base-patch32",

@@ -1,0 +1,1 @@
+"""Attention interpolation (AID / PAID, seed 003) on the functional UNet: `../shared/design/PAID_SPEC.md`."""

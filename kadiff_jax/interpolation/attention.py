@@ -1,0 +1,86 @@
+"""Interpolated attention (spec 3): each frame row attends to the endpoint frames' keys and values.
+
+Frames of one interpolation sit in consecutive rows of a role, A first and B last (a `RowLayout`
+with `group` = number of frames); the endpoints' keys and values are read from the same forward
+pass, layer and step. For a row with coefficient c, per head:
+
+    fused_outer  (1 - c) Attn(q, [k; k_A], [v; v_A]) + c Attn(q, [k; k_B], [v; v_B])   (the release's default)
+    fused_inner  Attn(q, [k; k~], [v; v~]),  k~ = (1 - c) k_A + c k_B, v~ likewise
+    outer        (1 - c) Attn(q, k_A, v_A) + c Attn(q, k_B, v_B)
+    inner        Attn(q, k~, v~)
+
+The mix is taken before the output projection. Rows whose `active` flag is off (outside the
+warm-up, and the unconditional rows unless asked: quirk Q4) get plain attention. An endpoint row
+attending to its own keys twice is plain attention, so A and B are plain generations and a middle
+row reads only them: every middle of one interpolation can share one batch (quirk Q3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kadiff_jax.models.attention import AttentionCall, AttentionSite
+from kadiff_jax.programs import serializable
+from kadiff_jax.sampling.layout import RowLayout
+
+VARIANTS = ("fused_outer", "fused_inner", "outer", "inner")
+
+
+@serializable
+class InterpolationArgs(NamedTuple):
+  coef: jax.Array    # [R] per UNet row: 0 for A, t_k for middle k, 1 for B
+  active: jax.Array  # [R] bool: interpolate this row at this step
+
+
+@dataclasses.dataclass(frozen=True)
+class InterpolatedAttention:
+  layout: RowLayout            # group = frames per interpolation, A first and B last in every role
+  variant: str = "fused_outer"
+  kinds: tuple[str, ...] = ("self", "cross")
+  name: str = "interpolation"
+  needs_args = True
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"variant={self.variant!r}: expected one of {VARIANTS}")
+
+  def selects(self, site: AttentionSite) -> bool:
+    return site.kind in self.kinds
+
+  def endpoints(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(A's, B's) rows of each row's role and group, shaped like x [R, ...]."""
+    rows = self.layout.split(x)  # [G, rows, ...]
+    firsts, lasts = [], []
+    for role in self.layout.roles:
+      span = self.layout.span(role)
+      n = span.stop - span.start
+      pick = lambda j: jnp.broadcast_to(rows[:, j:j + 1], (rows.shape[0], n) + rows.shape[2:])
+      firsts.append(pick(span.start))
+      lasts.append(pick(span.stop - 1))
+    join = lambda parts: jnp.concatenate(parts, axis=1).reshape(x.shape)
+    return join(firsts), join(lasts)
+
+  def __call__(self, call: AttentionCall, attend, args: InterpolationArgs):
+    q, k, v = call.q, call.k, call.v
+    c = args.coef.astype(jnp.float32)[:, None, None, None]
+
+    def interpolated():
+      (k_a, k_b), (v_a, v_b) = self.endpoints(k), self.endpoints(v)
+      own = lambda x, e: jnp.concatenate([x, e], axis=1) if self.variant.startswith("fused") else e
+      if self.variant.endswith("outer"):
+        out_a = attend(q, own(k, k_a), own(v, v_a)).astype(jnp.float32)
+        out_b = attend(q, own(k, k_b), own(v, v_b)).astype(jnp.float32)
+        mixed = (1 - c) * out_a + c * out_b
+      else:
+        mix = lambda a, b: ((1 - c) * a.astype(jnp.float32) + c * b.astype(jnp.float32)).astype(a.dtype)
+        mixed = attend(q, own(k, mix(k_a, k_b)), own(v, mix(v_a, v_b)))
+      plain = attend(q, k, v)
+      on = args.active[:, None, None, None]
+      return jnp.where(on, mixed.astype(plain.dtype), plain)
+
+    out = jax.lax.cond(jnp.any(args.active), interpolated, lambda: attend(q, k, v))
+    return out, {}

@@ -1,0 +1,165 @@
+"""Text interpolation (AID, and PAID with a guide prompt; spec 1-3, 7) over the one sampler.
+
+One interpolation is one group of frame rows [A, M_1 ... M_k, B] per role (`frames_layout`): the
+release's one call of three rows per middle (quirk Q3), batched, with identical frames. Per step,
+the conditional rows attend through `InterpolatedAttention` while i < W (the warm-up, W =
+int(steps * warmup_ratio) in Python floats: quirk Q5); the unconditional rows always attend plainly
+(quirk Q4); eps = u + g (c - u); one scheduler step. A middle row's prompt, negative and pooled
+embeddings are lerp (or slerp) of the endpoints' (or, for PAID, the guide prompt's), its initial
+latents the slerp of the endpoints' along the release's axis (quirk Q2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kadiff_jax import image_io, schedulers, sharding
+from kadiff_jax.config import option
+from kadiff_jax.interpolation.attention import VARIANTS, InterpolatedAttention, InterpolationArgs
+from kadiff_jax.interpolation.blend import blend, slerp
+from kadiff_jax.models import unet
+from kadiff_jax.pipelines import conditioning
+from kadiff_jax.pipelines import text_to_image as t2i
+from kadiff_jax.programs import persistent_jit
+from kadiff_jax.sampling import RowLayout, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class InterpolationOptions:
+  """Defaults: the release's `interpolate_single` (spec 7)."""
+
+  variant: str = option("fused_outer", "interpolated attention: fused outer (the release's), fused inner, outer "
+                        "or inner", choices=VARIANTS)
+  warmup_ratio: float = option(0.5, "fraction of the steps with interpolated attention: W = int(steps * ratio)")
+  warmup_steps: int | None = option(None, "Q5: W itself, instead of int(steps * warmup_ratio)")
+  init: str = option("linear", "how the middle frames' prompt embeddings are interpolated",
+                     choices=("linear", "slerp"))
+  slerp_axes: str = option("last", "Q2: slerp along the last axis (the release's: per latent row, per token) or "
+                           "over the whole tensor", choices=("last", "all"))
+  interp_uncond: bool = option(False, "Q4: interpolate in the unconditional rows too (the release: conditional only)")
+  steps: int = option(50, "denoising steps")
+  guidance: float = option(5.0, "classifier-free guidance (<= 1: conditional rows only)")
+  scheduler: str | None = option(None, "default: the model folder's scheduler where implemented, else ddim",
+                                 choices=tuple(schedulers.SCHEDULERS))
+  height: int | None = option(None, "image height; default: the UNet's sample_size x VAE factor")
+  width: int | None = option(None, "image width; default as height")
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"variant={self.variant!r}: expected one of {VARIANTS}")
+    if self.init not in ("linear", "slerp"):
+      raise ValueError(f"init={self.init!r}: expected 'linear' or 'slerp'")
+    if self.slerp_axes not in ("last", "all"):
+      raise ValueError(f"slerp_axes={self.slerp_axes!r}: expected 'last' or 'all'")
+    if not 0 <= self.warmup_ratio <= 1:
+      raise ValueError(f"warmup_ratio={self.warmup_ratio}: expected a fraction in [0, 1]")
+    if self.steps < 1:
+      raise ValueError(f"steps={self.steps}: expected at least 1")
+    if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.steps:
+      raise ValueError(f"warmup_steps={self.warmup_steps}: expected 0..steps ({self.steps})")
+
+  def warmup(self) -> int:
+    """W: the first W denoising steps interpolate (int(N * r) in Python floats, as the release)."""
+    return self.warmup_steps if self.warmup_steps is not None else int(self.steps * self.warmup_ratio)
+
+  def generation(self, models) -> t2i.GenerationOptions:
+    """Steps, guidance, scheduler and size resolved for the model."""
+    return t2i.GenerationOptions(self.steps, self.guidance, self.scheduler, self.height, self.width).for_model(models)
+
+
+def frames_layout(frames: int, guidance: float) -> RowLayout:
+  """One interpolation's rows: every role holds the frames in order (A first, B last)."""
+  if guidance > 1.0:
+    return RowLayout(("uncond", "cond"), "cond", "uncond", group=frames)
+  return RowLayout(("cond",), "cond", group=frames)
+
+
+class Interpolation(NamedTuple):
+  coefficients: list[float]  # per frame, 0 (A) ... 1 (B)
+  images: np.ndarray         # [frames, H, W, 3] uint8
+  latents: np.ndarray | None  # [frames, h, w, C] final latents (None: frames gathered from several calls)
+
+
+@persistent_jit(static_argnames=("unet_config", "scheduler", "layout", "dtype", "variant", "interp_uncond"))
+def interpolation_denoise(unet_params, noise, cond, sched_state, guidance, coefs, warmup, *, unet_config, scheduler,
+                          layout: RowLayout, dtype, variant: str, interp_uncond: bool):
+  """Every step from noise [frames, h, w, C]; coefs [frames]; warmup: the traced W. Returns final latents."""
+  hook = InterpolatedAttention(layout, variant)
+  coef_rows = layout.broadcast(coefs)
+  role_on = layout.interleave({r: jnp.full((layout.count(r),), r == layout.cond or interp_uncond)
+                               for r in layout.roles})
+
+  def denoiser(x, t, i, state):
+    args = {"interpolation": InterpolationArgs(coef_rows, role_on & (i < warmup))}
+    eps, _ = unet.apply(unet_params, layout.broadcast(x), t, cond, config=unet_config, dtype=dtype, hooks=(hook,),
+                        hook_args=args, implementation=sharding.attention_implementation(dtype))
+    return layout.guide(eps, guidance), state, {}
+
+  latents, _ = sample(denoiser, scheduler, sched_state, noise)
+  return latents
+
+
+def endpoint_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
+  """z_A, z_B [2, h, w, C]: images 0 and 1 of the seed (`text_to_image.image_key`), drawn A then B."""
+  return np.asarray(t2i.initial_noise(seed, [0, 1], shape))
+
+
+def interpolate(models, prompt_a: str, prompt_b: str, coefs: Sequence[float], options: InterpolationOptions, *,
+                negative_prompt: str | None = None, guide_prompt: str | None = None, seed: int = 0,
+                init_latents: np.ndarray | None = None) -> Interpolation:
+  """The frames from A (coefficient 0) through the middles `coefs` to B (1).
+
+  `init_latents` [2, h, w, C] (NHWC) replaces the seeded endpoint noise; both are before the scheduler's
+  init_noise_sigma. With `guide_prompt` (PAID) the middle frames take its embeddings instead.
+  """
+  gen = options.generation(models)
+  f = models.vae_scale_factor
+  shape = (gen.height // f, gen.width // f, models.unet_config.in_channels)
+  z = endpoint_noise(seed, shape) if init_latents is None else np.asarray(init_latents, np.float32)
+  if z.shape != (2,) + shape:
+    raise ValueError(f"init latents have shape {tuple(z.shape)} (NHWC), expected {(2,) + shape} (start and end) "
+                     f"for {gen.height}x{gen.width}")
+  ts = [0.0, *[float(c) for c in coefs], 1.0]
+  n = len(ts)
+  axis_latent = -2 if options.slerp_axes == "last" else None  # NCHW's last axis (W) is NHWC's -2
+  axis_embed = -1 if options.slerp_axes == "last" else None
+  noise = np.stack([z[0], *[np.asarray(slerp(z[0], z[1], t, axis_latent)) for t in ts[1:-1]], z[1]])
+
+  ends = conditioning.encode_prompts(models, [prompt_a, prompt_b])
+  neg = conditioning.encode_negative(models, [negative_prompt] * 2, ends)
+  guide = conditioning.encode_prompts(models, [guide_prompt]) if guide_prompt is not None else None
+
+  def frames_of(pair, middle=None):
+    """[n, ...] from the endpoints' pair [2, ...]: middles blended, or the guide's value."""
+    a, b = np.asarray(pair[0]), np.asarray(pair[1])
+    mids = [np.asarray(middle) if middle is not None else np.asarray(blend(options.init, a, b, t, axis_embed))
+            for t in ts[1:-1]]
+    return np.stack([a, *mids, b])
+
+  embeds = frames_of(ends.embeds, None if guide is None else guide.embeds[0])
+  pooled = frames_of(ends.pooled, None if guide is None else guide.pooled[0])
+  layout = frames_layout(n, gen.guidance)
+  per_role = {"cond": (embeds, pooled)}
+  if layout.uncond:
+    # PAID: the guide's negatives equal the endpoints' (one negative prompt), i.e. A's
+    per_role["uncond"] = (frames_of(neg.embeds, None if guide is None else neg.embeds[0]),
+                          frames_of(neg.pooled, None if guide is None else neg.pooled[0]))
+  cond = conditioning.unet_cond(models, layout.interleave({r: v[0] for r, v in per_role.items()}),
+                                layout.interleave({r: v[1] for r, v in per_role.items()}), gen.height, gen.width)
+  sched = schedulers.from_name(gen.scheduler, models.scheduler_config)
+  state = sched.set_timesteps(gen.steps)
+  if schedulers.stochastic(sched):
+    state = sched.with_keys(state, t2i.step_keys([(seed, i) for i in range(n)]))
+  dtype = jax.tree_util.tree_leaves(models.unet_params)[0].dtype
+  latents = interpolation_denoise(
+      models.unet_params, jnp.asarray(noise), cond, state, jnp.float32(gen.guidance), jnp.asarray(ts, jnp.float32),
+      jnp.int32(options.warmup()), unet_config=models.unet_config, scheduler=sched, layout=layout, dtype=dtype,
+      variant=options.variant, interp_uncond=options.interp_uncond)
+  vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
+  images = t2i.decode(models.vae_params, latents, config=models.vae_config, dtype=vae_dtype)
+  return Interpolation(ts, image_io.to_uint8(np.asarray(images)), np.asarray(latents))
