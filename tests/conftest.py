@@ -32,6 +32,16 @@ def torch_pipe(tiny_dir):
   return StableDiffusionXLPipeline.from_pretrained(str(tiny_dir))
 
 
+def tiny_ip_pipe(tiny_dir):
+  """diffusers' SDXL pipeline on the tiny folder with its IP-Adapter Plus loaded (a fresh one per caller: some tests
+  replace its attention processors)."""
+  from diffusers import StableDiffusionXLPipeline
+  pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_dir))
+  pipe.load_ip_adapter(str(tiny_dir / "ip_adapter"), subfolder="sdxl_models",
+                       weight_name="ip-adapter-plus_sdxl_vit-h.safetensors", image_encoder_folder="models/image_encoder")
+  return pipe
+
+
 def max_rel_err(ours, ref) -> float:
   """max |ours - ref| / max |ref| (error relative to the output's scale)."""
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

@@ -194,6 +194,7 @@ def test_kadiff_on_sd15_injects_after_the_start_step_only(family_models, family_
   assert np.abs(on[start] - base[start]).max() > 1e-4 and np.abs(on[-1] - base[-1]).max() > 1e-3
 
 
+@pytest.mark.slow  # ~35 s: invert and generate from the CLI
 def test_kadiff_cli_on_sd15_and_the_reference_cache_refuses_another_family(tmp_path, family_dir, capsys):
   ref = _reference()
   cache = tmp_path / "cache"

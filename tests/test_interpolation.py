@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import paid_release
-from conftest import max_rel_err, nchw, nhwc
+from conftest import max_rel_err, nchw, nhwc, tiny_ip_pipe
 from kadiff_jax import cli
 from kadiff_jax.interpolation import blend, coefficients
 from kadiff_jax.interpolation.pipeline import InterpolationOptions, interpolate
@@ -47,8 +47,13 @@ def _endpoints():
   return np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
 
 
-@pytest.mark.parametrize("variant,guide,init", [("fused_outer", None, "linear"), ("fused_inner", None, "slerp"),
-                                                ("outer", None, "linear"), ("inner", None, "linear"),
+SLOW = pytest.mark.slow  # the other variants' formulas are also checked in NumPy in the default suite
+
+
+@pytest.mark.parametrize("variant,guide,init", [("fused_outer", None, "linear"),
+                                                pytest.param("fused_inner", None, "slerp", marks=SLOW),
+                                                pytest.param("outer", None, "linear", marks=SLOW),
+                                                pytest.param("inner", None, "linear", marks=SLOW),
                                                 ("fused_outer", "a cat driving a car", "linear")])
 def test_batched_frames_equal_the_release_one_call_per_middle(tiny_models, release_pipe, variant, guide, init):
   z = _endpoints()
@@ -206,3 +211,156 @@ def test_evaluate_interpolation_scores_resumes_and_refuses_changes(tmp_path, tin
   capsys.readouterr()
   assert cli.main(argv[:-4] + ["--steps", "3", "--out", str(out)]) == 2
   assert "options.steps: 2 -> 3" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ip_release_pipe(tiny_dir):
+  return tiny_ip_pipe(tiny_dir)
+
+
+def _picture(seed):
+  return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 40, 3)).astype(np.uint8))
+
+
+@pytest.mark.parametrize("mode,variant,with_a", [("morph", "fused_outer", True),
+                                                 pytest.param("morph", "fused_inner", True, marks=pytest.mark.slow),
+                                                 ("morph", "fused_outer", False),
+                                                 ("scale-control", "fused_outer", False)])
+def test_image_modes_equal_the_release(tiny_dir, tiny_models, ip_release_pipe, mode, variant, with_a):
+  from kadiff_jax.tiny_model import TINY_IMAGE_ENCODER, TINY_IP_ADAPTER
+  from kadiff_jax.weights.ip_adapter import load_ip_adapter
+  adapter = load_ip_adapter(tiny_dir / TINY_IP_ADAPTER, tiny_dir / TINY_IMAGE_ENCODER, tiny_models.unet_config)
+  z = _endpoints()
+  image_a, image_b = (_picture(1) if with_a else None), _picture(2)
+  prompts = ("a photo of a cat", "a photo of a cat" if mode == "scale-control" else "a dog in the snow")
+  ours = interpolate(tiny_models, *prompts, [0.4], InterpolationOptions(steps=6, variant=variant),
+                     init_latents=nhwc(z), mode=mode, adapter=adapter, image_a=image_a, image_b=image_b)
+  lat, img = paid_release.interpolate_single(ip_release_pipe, *prompts, 0.4, torch.tensor(z[:1]),
+                                             torch.tensor(z[1:]), steps=6, variant=variant, mode=mode,
+                                             image_a=image_a, image_b=image_b)
+  for row in range(3):
+    assert max_rel_err(nchw(ours.latents[row:row + 1]), lat[row:row + 1]) < 1e-3, row
+    assert np.abs(ours.images[row].astype(int) - (img[row] * 255).round().astype(int)).max() <= 1, row
+  text = interpolate(tiny_models, *prompts, [0.4], InterpolationOptions(steps=6, variant=variant),
+                     init_latents=nhwc(z))
+  assert np.abs(text.latents[2] - ours.latents[2]).max() > 1e-2  # B sees its image
+  if mode == "scale-control":
+    np.testing.assert_allclose(ours.latents[0], text.latents[0], rtol=0, atol=1e-4 * np.abs(text.latents).max())
+
+
+def test_image_mode_flags_are_checked_before_loading(tmp_path, capsys):
+  base = ["interpolate", "--model", str(tmp_path / "absent"), "--prompt-a", "a", "--prompt-b", "b", "--out",
+          str(tmp_path / "o")]
+  for extra, message in ((["--image-b", "x.png"], "--image-a/--image-b need --mode morph or scale-control"),
+                         (["--mode", "morph"], "--mode morph needs --image-b"),
+                         (["--mode", "scale-control", "--image-a", "a.png", "--image-b", "b.png"],
+                          "--mode scale-control reads --image-b only"),
+                         (["--mode", "morph", "--image-b", str(tmp_path / "missing.png")], "missing.png")):
+    capsys.readouterr()
+    assert cli.main(base + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def _np_attention(q, k, v):
+  """softmax(q k^T / sqrt(d)) v per head, [L, heads, d] arrays, in float64."""
+  logits = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1])
+  w = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("hqk,khd->qhd", w / w.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("variant", ["fused_outer", "fused_inner", "outer", "inner"])
+def test_each_variant_equals_the_spec_formula_in_numpy(variant):
+  """Spec 3 transcribed independently: rows [A, M1, M2, B] with c = (0, .3, .7, 1), per row and head."""
+  import jax.numpy as jnp
+  from kadiff_jax.interpolation.attention import InterpolatedAttention, InterpolationArgs
+  from kadiff_jax.models.attention import AttentionCall, AttentionSite, dot_product_attention, run_hooks
+  from kadiff_jax.sampling import RowLayout
+  rng = np.random.default_rng(11)
+  q, k, v = (rng.standard_normal((4, 6, 2, 8)).astype(np.float32) for _ in range(3))
+  c = np.array([0.0, 0.3, 0.7, 1.0])
+  site = AttentionSite("x.attn1", "self", 1, 0, "up", 16, 2, 0)
+  call = AttentionCall(site, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), (2, 3), None, None)
+  hook = InterpolatedAttention(RowLayout(("cond",), "cond", group=4), variant)
+  active = np.array([True, True, False, True])  # row 2 plain: the flag is per row
+  out, _ = run_hooks(call, (hook,), {"interpolation": InterpolationArgs(jnp.asarray(c, jnp.float32),
+                                                                        jnp.asarray(active))},
+                     lambda a, b, d: dot_product_attention(a, b, d))
+  q, k, v = (x.astype(np.float64) for x in (q, k, v))
+  for r in range(4):
+    if not active[r]:
+      want = _np_attention(q[r], k[r], v[r])
+    elif variant == "fused_outer":
+      want = (1 - c[r]) * _np_attention(q[r], np.concatenate([k[r], k[0]]), np.concatenate([v[r], v[0]])) + \
+          c[r] * _np_attention(q[r], np.concatenate([k[r], k[3]]), np.concatenate([v[r], v[3]]))
+    elif variant == "outer":
+      want = (1 - c[r]) * _np_attention(q[r], k[0], v[0]) + c[r] * _np_attention(q[r], k[3], v[3])
+    else:
+      kt, vt = (1 - c[r]) * k[0] + c[r] * k[3], (1 - c[r]) * v[0] + c[r] * v[3]
+      if variant == "fused_inner":
+        kt, vt = np.concatenate([k[r], kt]), np.concatenate([v[r], vt])
+      want = _np_attention(q[r], kt, vt)
+    np.testing.assert_allclose(np.asarray(out[r]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_slerp_formula_in_numpy_and_the_warmup_count():
+  rng = np.random.default_rng(4)
+  a, b = rng.standard_normal((2, 5, 16))
+  t = 0.35
+  for i in range(5):
+    c = a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i])
+    th = np.arccos(c)
+    want = np.sin(th - th * t) / np.sin(th) * a[i] + np.sin(th * t) / np.sin(th) * b[i]
+    np.testing.assert_allclose(np.asarray(blend.slerp(a[i], b[i], t)), want, rtol=1e-5)
+  close = a[0] + 1e-3 * b[0]  # |cos| > 0.9995: lerp
+  np.testing.assert_allclose(np.asarray(blend.slerp(a[0], close, t)), a[0] + t * (close - a[0]), rtol=1e-6)
+  assert InterpolationOptions(steps=50, warmup_ratio=0.58).warmup() == 28  # int(50 * 0.58) = int(28.999...) (Q5)
+  assert InterpolationOptions(steps=50, warmup_ratio=0.58, warmup_steps=29).warmup() == 29
+
+
+def test_batched_middles_equal_separate_calls_and_t_moves_only_middles(tiny_models):
+  z = nhwc(_endpoints())
+  opts = InterpolationOptions(steps=4)
+  both = interpolate(tiny_models, "a cat", "a dog", [0.3, 0.7], opts, init_latents=z)
+  for k, t in ((1, 0.3), (2, 0.7)):
+    alone = interpolate(tiny_models, "a cat", "a dog", [t], opts, init_latents=z)
+    for a, b in ((0, 0), (k, 1), (3, 2)):
+      assert max_rel_err(both.latents[a], alone.latents[b]) < 2e-5
+  moved = interpolate(tiny_models, "a cat", "a dog", [0.3, 0.5], opts, init_latents=z)
+  assert max_rel_err(moved.latents[[0, 1, 3]], both.latents[[0, 1, 3]]) < 2e-5
+  assert np.abs(moved.latents[2] - both.latents[2]).max() > 1e-2
+
+
+@pytest.mark.slow  # three whole commands (~40 s)
+def test_paid_morph_and_scale_control_from_the_cli(tmp_path, tiny_dir, capsys):
+  ref_a, ref_b = tmp_path / "a.png", tmp_path / "b.png"
+  _picture(1).save(ref_a)
+  _picture(2).save(ref_b)
+  common = ["interpolate", "--model", str(tiny_dir), "--steps", "3", "--coefs", "0.5"]
+  runs = {"paid": ["--prompt-a", "a cat", "--prompt-b", "a dog", "--guide-prompt", "a cat driving a car"],
+          "morph": ["--prompt-a", "a photo", "--prompt-b", "a photo", "--mode", "morph", "--ip-adapter", "tiny",
+                    "--image-a", str(ref_a), "--image-b", str(ref_b)],
+          "scale": ["--prompt-a", "a photo", "--prompt-b", "a photo", "--mode", "scale-control", "--ip-adapter",
+                    "tiny", "--image-b", str(ref_b)]}
+  frames = {}
+  for name, extra in runs.items():
+    assert cli.main(common + extra + ["--out", str(tmp_path / name)]) == 0, name
+    rec = json.loads((tmp_path / name / "interpolation.json").read_text())
+    assert rec["mode"] == {"paid": "text", "morph": "morph", "scale": "scale-control"}[name]
+    frames[name] = [np.asarray(Image.open(tmp_path / name / f)) for f in rec["frames"]]
+  assert not np.array_equal(frames["morph"][0], frames["morph"][2])  # A and B see different images
+  assert json.loads((tmp_path / "paid" / "interpolation.json").read_text())["guide_prompt"] == "a cat driving a car"
+  # bad input, one line each
+  bad = {("--frames", "1"): "--frames 1: expected at least 3",
+         ("--mode", "morph", "--guide-prompt", "g", "--image-b", str(ref_b)): "--guide-prompt with --mode morph"}
+  for extra, message in bad.items():
+    capsys.readouterr()
+    argv = ["interpolate", "--model", str(tiny_dir), "--prompt-a", "a", "--prompt-b", "b", *extra, "--out",
+            str(tmp_path / "x")]
+    assert cli.main(argv) == 2 and message in capsys.readouterr().err
+  bare = tmp_path / "bare"  # a model folder with no IP-Adapter of its own
+  import shutil
+  shutil.copytree(tiny_dir, bare, ignore=shutil.ignore_patterns("ip_adapter"))
+  capsys.readouterr()
+  assert cli.main(["interpolate", "--model", str(bare), "--prompt-a", "a", "--prompt-b", "b", "--mode", "morph",
+                   "--image-b", str(ref_b), "--out", str(tmp_path / "y")]) == 2
+  assert "an IP-Adapter needs both ip_adapter (--ip-adapter FILE) and image_encoder" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 from transformers import CLIPVisionConfig as HFVisionConfig, CLIPVisionModelWithProjection
 
-from conftest import max_rel_err, nchw, nhwc
+from conftest import max_rel_err, nchw, nhwc, tiny_ip_pipe
 from kadiff_jax import image_io
 from kadiff_jax.models import clip_vision, image_proj, ip_adapter, unet
 from kadiff_jax.job import Job
@@ -36,11 +36,7 @@ def adapter(tiny_dir, tiny_models):
 
 @pytest.fixture(scope="module")
 def ip_pipe(tiny_dir):
-  from diffusers import StableDiffusionXLPipeline
-  pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_dir))
-  pipe.load_ip_adapter(str(tiny_dir / "ip_adapter"), subfolder="sdxl_models",
-                       weight_name="ip-adapter-plus_sdxl_vit-h.safetensors", image_encoder_folder="models/image_encoder")
-  return pipe
+  return tiny_ip_pipe(tiny_dir)
 
 
 @pytest.mark.parametrize("size", [(48, 40), (30, 90), (32, 32)])

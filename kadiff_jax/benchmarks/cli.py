@@ -1,4 +1,4 @@
-"""`kadiff benchmark unet|correspondence|pipeline|index`: timings against the reference, JSON on the last line."""
+"""`kadiff benchmark unet|correspondence|pipeline|index|interpolation`: timings against the reference, JSON on the last line."""
 
 from __future__ import annotations
 
@@ -46,5 +46,12 @@ def add_parsers(sub) -> None:
   bi.add_argument("--queries", type=int, default=1000)
   bi.add_argument("--data", choices=["uniform", "clustered"], default="uniform",
                   help="random unit vectors (no structure: hardest for ANN) or clustered ones")
+  bn = bsub.add_parser("interpolation", help="one attention interpolation pass on random weights: batched frames vs "
+                       "the release's one call per middle frame")
+  bn.add_argument("--config", default="tiny", choices=["tiny", "mid", "sdxl"])
+  bn.add_argument("--frames", type=int, default=5, help="frames, endpoints included")
+  bn.add_argument("--steps", type=int, default=10)
+  bn.add_argument("--size", type=int, default=None, help="image side (default: the config's)")
+  bn.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
   for name, p in bsub.choices.items():
     cli_args.leaf(p, ("benchmark", name), _benchmark)

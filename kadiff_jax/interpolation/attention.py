@@ -84,3 +84,48 @@ class InterpolatedAttention:
 
     out = jax.lax.cond(jnp.any(args.active), interpolated, lambda: attend(q, k, v))
     return out, {}
+
+
+@serializable
+class MorphRows(NamedTuple):
+  tokens: jax.Array  # [R, N, C] each row's own image tokens (a middle's from its interpolated features)
+  scale: jax.Array   # [R] image-branch scale (the release: 1.0, quirk Q6)
+  coef: jax.Array    # [R]
+  active: jax.Array  # [R] bool
+
+
+@dataclasses.dataclass(frozen=True)
+class InterpolatedIPAdapter:
+  """The image branch of image morphing (spec 4), in place of the plain IP-Adapter hook. While a row is active:
+  fused_outer adds (1 - c) Attn(q, [Kip; Kip_A], [Vip; Vip_A]) + c Attn(q, [Kip; Kip_B], [Vip; Vip_B]) and outer
+  (1 - c) Attn(q, Kip_A, Vip_A) + c Attn(q, Kip_B, Vip_B); the inner variants (quirk Q7), and every inactive row,
+  add plain attention to the row's own image tokens. Each scaled by the row's scale."""
+
+  layout: RowLayout
+  variant: str = "fused_outer"
+  upcast: bool = False
+  name: str = "ip_morph"
+  needs_args = True
+
+  def selects(self, site: AttentionSite) -> bool:
+    return site.kind == "cross"
+
+  def __call__(self, call: AttentionCall, attend, args):
+    from kadiff_jax.models.attention import dot_product_attention
+    from kadiff_jax.models.ip_adapter import image_keys_values
+    rows: MorphRows = args.rows
+    out = attend(call.q, call.k, call.v)
+    k, v = image_keys_values(call, args.params, rows.tokens)
+    ip = lambda kk, vv: dot_product_attention(call.q, kk, vv, upcast=self.upcast).astype(jnp.float32)
+    own = ip(k, v)
+    if self.variant.endswith("outer"):
+      helper = InterpolatedAttention(self.layout, self.variant)
+      (k_a, k_b), (v_a, v_b) = helper.endpoints(k), helper.endpoints(v)
+      cat = (lambda x, e: jnp.concatenate([x, e], axis=1)) if self.variant == "fused_outer" else (lambda x, e: e)
+      c = rows.coef.astype(jnp.float32)[:, None, None, None]
+      mixed = lambda: (1 - c) * ip(cat(k, k_a), cat(v, v_a)) + c * ip(cat(k, k_b), cat(v, v_b))
+      branch = jax.lax.cond(jnp.any(rows.active),
+                            lambda: jnp.where(rows.active[:, None, None, None], mixed(), own), lambda: own)
+    else:
+      branch = own
+    return out + (rows.scale.astype(jnp.float32)[:, None, None, None] * branch).astype(out.dtype), {}

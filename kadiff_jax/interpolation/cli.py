@@ -26,6 +26,8 @@ def _coefficients(args) -> list[float]:
     except ValueError as e:
       raise UsageError(f"--coefs {args.coefs!r}: {e}") from None
   if args.frames is not None:
+    if args.frames < 3:
+      raise UsageError(f"--frames {args.frames}: expected at least 3 (A, a middle frame, B)")
     return coefficients.beta_prior(args.frames, 6.0 if args.alpha is None else args.alpha,
                                    3.0 if args.beta is None else args.beta)
   return [0.5]  # interpolate_single's default: one middle at t = 0.5
@@ -65,10 +67,25 @@ def _interpolate(args) -> None:
   if args.dynamic or args.select:
     from kadiff_jax.metrics.clip_score import CLIPScorer
     scorer = CLIPScorer(args.clip)
+  images = {"image_a": args.image_a, "image_b": args.image_b}
+  if args.mode == "text" and any(images.values()):
+    raise UsageError("--image-a/--image-b need --mode morph or scale-control")
+  if args.mode != "text" and not args.image_b:
+    raise UsageError(f"--mode {args.mode} needs --image-b (the end frame's image)")
+  if args.mode == "scale-control" and args.image_a:
+    raise UsageError("--mode scale-control reads --image-b only; --image-a is for morph")
+  if args.mode == "morph" and args.guide_prompt:
+    raise UsageError("--guide-prompt with --mode morph: morphing interpolates images, a guide prompt would replace "
+                     "the middle frames' text; use it with --mode text (PAID)")
+  for path in images.values():
+    cli_args.check_image(path)  # a bad image fails before any model loads
   models = model_opts.load()
+  adapter = model_opts.load_adapter(models, required=True) if args.mode != "text" else None
+  pil = {k: image_io.load_rgb(v) if v else None for k, v in images.items()}
   out = OutputDir(args.out)
   run = lambda ts: interpolate(models, args.prompt_a, args.prompt_b, ts, opts, negative_prompt=args.negative_prompt,
-                               guide_prompt=args.guide_prompt, seed=args.seed, init_latents=init)
+                               guide_prompt=args.guide_prompt, seed=args.seed, init_latents=init, mode=args.mode,
+                               adapter=adapter, **pil)
   extra = {}
   if args.dynamic:
     from kadiff_jax.interpolation import selection
@@ -99,6 +116,7 @@ def _interpolate(args) -> None:
   record = {"model": str(models.source), "family": models.family.name, "prompt_a": args.prompt_a,
             "prompt_b": args.prompt_b, "guide_prompt": args.guide_prompt, "negative_prompt": args.negative_prompt,
             "seed": args.seed, "init_latents": args.init_latents, "coefficients": result.coefficients,
+            "mode": args.mode, "ip_adapter": adapter.source if adapter else None, **images,
             "frames": names, "warmup_steps": opts.warmup(), **extra,
             "options": {**config.asdict(opts), "steps": gen.steps, "guidance": gen.guidance,
                         "scheduler": gen.scheduler, "height": gen.height, "width": gen.width}}
@@ -135,6 +153,12 @@ def add_parsers(sub) -> None:
   p.add_argument("--seed", type=int, default=0, help="z_A and z_B are images 0 and 1 of this seed")
   p.add_argument("--init-latents", default=None, help=".npy of the start and end noises [2, 4, H/8, W/8] (NCHW, "
                  "float32, before init_noise_sigma)")
+  from kadiff_jax.interpolation.pipeline import MODES
+  p.add_argument("--mode", choices=MODES, default="text", help="text (AID/PAID), morph (between --image-a and "
+                 "--image-b with the IP-Adapter) or scale-control (toward --image-b, its scale rising with t)")
+  p.add_argument("--image-a", default=None, help="morph: the start frame's image (default: none, the unconditional "
+                 "image tokens)")
+  p.add_argument("--image-b", default=None, help="morph and scale-control: the end frame's image")
   p.add_argument("--out", required=True)
   cli_args.add_config_arg(p)
   config.add_options(p, ModelOptions, group="model")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 
 
 def beta_prior(frames: int, alpha: float = 6.0, beta: float = 3.0) -> list[float]:

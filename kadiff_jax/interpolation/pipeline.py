@@ -20,9 +20,11 @@ import numpy as np
 
 from kadiff_jax import image_io, schedulers, sharding
 from kadiff_jax.config import option
-from kadiff_jax.interpolation.attention import VARIANTS, InterpolatedAttention, InterpolationArgs
+from kadiff_jax.interpolation.attention import (VARIANTS, InterpolatedAttention, InterpolatedIPAdapter,
+                                               InterpolationArgs, MorphRows)
 from kadiff_jax.interpolation.blend import blend, slerp
-from kadiff_jax.models import unet
+from kadiff_jax.models import ip_adapter, unet
+from kadiff_jax.models.attention import HookInputs
 from kadiff_jax.pipelines import conditioning
 from kadiff_jax.pipelines import text_to_image as t2i
 from kadiff_jax.programs import persistent_jit
@@ -42,6 +44,8 @@ class InterpolationOptions:
   slerp_axes: str = option("last", "Q2: slerp along the last axis (the release's: per latent row, per token) or "
                            "over the whole tensor", choices=("last", "all"))
   interp_uncond: bool = option(False, "Q4: interpolate in the unconditional rows too (the release: conditional only)")
+  ip_scale: float = option(1.0, "Q6: image-branch scale of morphing (the release fixes every adapter scale at 1.0; "
+                           "scale control uses the coefficients instead)")
   steps: int = option(50, "denoising steps")
   guidance: float = option(5.0, "classifier-free guidance (<= 1: conditional rows only)")
   scheduler: str | None = option(None, "default: the model folder's scheduler where implemented, else ddim",
@@ -85,19 +89,32 @@ class Interpolation(NamedTuple):
   latents: np.ndarray | None  # [frames, h, w, C] final latents (None: frames gathered from several calls)
 
 
-@persistent_jit(static_argnames=("unet_config", "scheduler", "layout", "dtype", "variant", "interp_uncond"))
-def interpolation_denoise(unet_params, noise, cond, sched_state, guidance, coefs, warmup, *, unet_config, scheduler,
-                          layout: RowLayout, dtype, variant: str, interp_uncond: bool):
-  """Every step from noise [frames, h, w, C]; coefs [frames]; warmup: the traced W. Returns final latents."""
-  hook = InterpolatedAttention(layout, variant)
+MODES = ("text", "morph", "scale-control")
+
+
+@persistent_jit(static_argnames=("unet_config", "scheduler", "layout", "dtype", "variant", "interp_uncond", "mode"))
+def interpolation_denoise(unet_params, noise, cond, sched_state, guidance, coefs, warmup, image=None, *, unet_config,
+                          scheduler, layout: RowLayout, dtype, variant: str, interp_uncond: bool, mode: str = "text"):
+  """Every step from noise [frames, h, w, C]; coefs [frames]; warmup: the traced W; `image` (morph and scale
+  control): HookInputs(IP-Adapter layers, IPAdapterRows of tokens and scales per row). Returns final latents."""
   coef_rows = layout.broadcast(coefs)
   role_on = layout.interleave({r: jnp.full((layout.count(r),), r == layout.cond or interp_uncond)
                                for r in layout.roles})
+  hooks = [InterpolatedAttention(layout, variant)]
+  if mode == "scale-control":  # every row adds c_r Attn(q, Kip_B, Vip_B): the plain hook with scale c_r
+    hooks.append(ip_adapter.IPAdapterAttention(upcast=unet_config.upcast_attention))
+  elif mode == "morph":
+    hooks.append(InterpolatedIPAdapter(layout, variant, upcast=unet_config.upcast_attention))
 
   def denoiser(x, t, i, state):
-    args = {"interpolation": InterpolationArgs(coef_rows, role_on & (i < warmup))}
-    eps, _ = unet.apply(unet_params, layout.broadcast(x), t, cond, config=unet_config, dtype=dtype, hooks=(hook,),
-                        hook_args=args, implementation=sharding.attention_implementation(dtype))
+    on = role_on & (i < warmup)
+    args = {"interpolation": InterpolationArgs(coef_rows, on)}
+    if mode == "scale-control":
+      args["ip_adapter"] = image
+    elif mode == "morph":
+      args["ip_morph"] = HookInputs(image.params, MorphRows(image.rows.tokens, image.rows.scale, coef_rows, on))
+    eps, _ = unet.apply(unet_params, layout.broadcast(x), t, cond, config=unet_config, dtype=dtype,
+                        hooks=tuple(hooks), hook_args=args, implementation=sharding.attention_implementation(dtype))
     return layout.guide(eps, guidance), state, {}
 
   latents, _ = sample(denoiser, scheduler, sched_state, noise)
@@ -109,14 +126,46 @@ def endpoint_noise(seed: int, shape: tuple[int, int, int]) -> np.ndarray:
   return np.asarray(t2i.initial_noise(seed, [0, 1], shape))
 
 
+def image_rows(adapter, mode: str, layout: RowLayout, ts: Sequence[float], image_a, image_b,
+               options: InterpolationOptions) -> HookInputs:
+  """The image branch's inputs per UNet row (spec 4). Morph: each frame's tokens from the endpoints' image features
+  interpolated before the projection (A's are the unconditional ones without `image_a`), scale `ip_scale`.
+  Scale control: every row reads B's image, scaled by its coefficient. Unconditional rows: unconditional tokens."""
+  if image_b is None:
+    raise ValueError(f"mode {mode!r} needs image_b (the end frame's image)")
+  if mode == "scale-control" and image_a is not None:
+    raise ValueError("scale control reads B's image only; image_a is for morphing")
+  given = [im for im in (image_a, image_b) if im is not None]
+  feats, uncond = ip_adapter.image_features(adapter, jnp.asarray(ip_adapter.preprocess_references(given, adapter)))
+  f_b = feats[-1]
+  f_a = feats[0] if image_a is not None else uncond[0]
+  u = ip_adapter.project_features(adapter, uncond[:1])[0]
+  if mode == "morph":
+    axis = -1 if options.slerp_axes == "last" else None
+    per_frame = jnp.stack([f_a, *[blend(options.init, f_a, f_b, t, axis) for t in ts[1:-1]], f_b])
+    cond_tokens = ip_adapter.project_features(adapter, per_frame)
+    scale = jnp.full((layout.rows,), options.ip_scale, jnp.float32)
+  else:
+    cond_tokens = jnp.broadcast_to(ip_adapter.project_features(adapter, f_b[None])[0], (len(ts),) + u.shape)
+    scale = layout.broadcast(jnp.asarray(ts, jnp.float32))
+  tokens = {r: cond_tokens if r == "cond" else jnp.broadcast_to(u, cond_tokens.shape) for r in layout.roles}
+  return ip_adapter.hook_inputs(adapter, layout.interleave(tokens), scale)
+
+
 def interpolate(models, prompt_a: str, prompt_b: str, coefs: Sequence[float], options: InterpolationOptions, *,
                 negative_prompt: str | None = None, guide_prompt: str | None = None, seed: int = 0,
-                init_latents: np.ndarray | None = None) -> Interpolation:
+                init_latents: np.ndarray | None = None, mode: str = "text", adapter=None, image_a=None,
+                image_b=None) -> Interpolation:
   """The frames from A (coefficient 0) through the middles `coefs` to B (1).
 
   `init_latents` [2, h, w, C] (NHWC) replaces the seeded endpoint noise; both are before the scheduler's
-  init_noise_sigma. With `guide_prompt` (PAID) the middle frames take its embeddings instead.
+  init_noise_sigma. With `guide_prompt` (PAID) the middle frames take its embeddings instead. `mode` "morph"
+  (between image_a and image_b) and "scale-control" (toward image_b) add the IP-Adapter `adapter` (spec 4).
   """
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+  if mode != "text" and adapter is None:
+    raise ValueError(f"mode {mode!r} needs an IP-Adapter (--ip-adapter and --image-encoder)")
   gen = options.generation(models)
   f = models.vae_scale_factor
   shape = (gen.height // f, gen.width // f, models.unet_config.in_channels)
@@ -156,10 +205,11 @@ def interpolate(models, prompt_a: str, prompt_b: str, coefs: Sequence[float], op
   if schedulers.stochastic(sched):
     state = sched.with_keys(state, t2i.step_keys([(seed, i) for i in range(n)]))
   dtype = jax.tree_util.tree_leaves(models.unet_params)[0].dtype
+  image = None if mode == "text" else image_rows(adapter, mode, layout, ts, image_a, image_b, options)
   latents = interpolation_denoise(
       models.unet_params, jnp.asarray(noise), cond, state, jnp.float32(gen.guidance), jnp.asarray(ts, jnp.float32),
-      jnp.int32(options.warmup()), unet_config=models.unet_config, scheduler=sched, layout=layout, dtype=dtype,
-      variant=options.variant, interp_uncond=options.interp_uncond)
+      jnp.int32(options.warmup()), image, unet_config=models.unet_config, scheduler=sched, layout=layout,
+      dtype=dtype, variant=options.variant, interp_uncond=options.interp_uncond, mode=mode)
   vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
   images = t2i.decode(models.vae_params, latents, config=models.vae_config, dtype=vae_dtype)
   return Interpolation(ts, image_io.to_uint8(np.asarray(images)), np.asarray(latents))

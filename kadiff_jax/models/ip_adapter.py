@@ -49,15 +49,20 @@ class IPAdapterAttention:
 
   def __call__(self, call: AttentionCall, attend, args: HookInputs):
     out = attend(call.q, call.k, call.v)
-    layer = args.params[call.site.path]  # {"to_k_ip": [C_ctx, inner], "to_v_ip": [C_ctx, inner]}
-    rows: IPAdapterRows = args.rows
-    tokens = rows.tokens.astype(call.q.dtype)
-    b, n, _ = tokens.shape
-    heads, d = call.q.shape[2], call.q.shape[3]
-    k = (tokens @ layer["to_k_ip"].astype(tokens.dtype)).reshape(b, n, heads, d)  # [B, N, heads, d]
-    v = (tokens @ layer["to_v_ip"].astype(tokens.dtype)).reshape(b, n, heads, d)
+    k, v = image_keys_values(call, args.params, args.rows.tokens)
     ip = dot_product_attention(call.q, k, v, upcast=self.upcast)
-    return out + rows.scale.astype(out.dtype)[:, None, None, None] * ip, {}
+    return out + args.rows.scale.astype(out.dtype)[:, None, None, None] * ip, {}
+
+
+def image_keys_values(call: AttentionCall, layers, tokens) -> tuple[jax.Array, jax.Array]:
+  """The image tokens' keys and values [B, N, heads, d] at this layer (its to_k_ip / to_v_ip)."""
+  layer = layers[call.site.path]  # {"to_k_ip": [C_ctx, inner], "to_v_ip": [C_ctx, inner]}
+  tokens = tokens.astype(call.q.dtype)
+  b, n, _ = tokens.shape
+  heads, d = call.q.shape[2], call.q.shape[3]
+  k = (tokens @ layer["to_k_ip"].astype(tokens.dtype)).reshape(b, n, heads, d)
+  v = (tokens @ layer["to_v_ip"].astype(tokens.dtype)).reshape(b, n, heads, d)
+  return k, v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +102,12 @@ def image_tokens(adapter: IPAdapter, pixels) -> tuple[jax.Array, jax.Array]:
 
 @persistent_jit(static_argnames=("encoder_config", "proj_config"))
 def _image_tokens(encoder_params, proj_params, pixels, *, encoder_config, proj_config):
+  feats, uncond = _features(encoder_params, pixels, encoder_config, proj_config)
+  proj = lambda f: image_proj.project(proj_params, f, config=proj_config)
+  return proj(feats), proj(uncond)
+
+
+def _features(encoder_params, pixels, encoder_config, proj_config):
   plus = isinstance(proj_config, image_proj.ResamplerConfig)
 
   def features(px):
@@ -104,9 +115,29 @@ def _image_tokens(encoder_params, proj_params, pixels, *, encoder_config, proj_c
     return out.hidden_states[-2] if plus else out.image_embeds
 
   feats = features(pixels)
-  uncond = features(jnp.zeros_like(pixels)) if plus else jnp.zeros_like(feats)
-  proj = lambda f: image_proj.project(proj_params, f, config=proj_config)
-  return proj(feats), proj(uncond)
+  return feats, (features(jnp.zeros_like(pixels)) if plus else jnp.zeros_like(feats))
+
+
+@persistent_jit(static_argnames=("encoder_config", "proj_config"))
+def _image_features(encoder_params, pixels, *, encoder_config, proj_config):
+  return _features(encoder_params, pixels, encoder_config, proj_config)
+
+
+def image_features(adapter: IPAdapter, pixels) -> tuple[jax.Array, jax.Array]:
+  """(cond, uncond) image features before the projection (Plus: the encoder's penultimate states [B, T, D]; base:
+  its image embeddings [B, D]): what image morphing interpolates."""
+  return _image_features(adapter.encoder_params, pixels, encoder_config=adapter.encoder_config,
+                         proj_config=adapter.proj_config)
+
+
+@persistent_jit(static_argnames=("proj_config",))
+def _project(proj_params, features, *, proj_config):
+  return image_proj.project(proj_params, features, config=proj_config)
+
+
+def project_features(adapter: IPAdapter, features) -> jax.Array:
+  """Image tokens [B, num_tokens, C] of image features (`image_features`)."""
+  return _project(adapter.proj_params, features, proj_config=adapter.proj_config)
 
 
 def _flatten(a: IPAdapter):
