@@ -4,7 +4,9 @@ middle (`paid_release.py`, written from PAID_SPEC.md over diffusers' SDXL pipeli
 from __future__ import annotations
 
 import json
+import os
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -364,3 +366,44 @@ def test_paid_morph_and_scale_control_from_the_cli(tmp_path, tiny_dir, capsys):
   assert cli.main(["interpolate", "--model", str(bare), "--prompt-a", "a", "--prompt-b", "b", "--mode", "morph",
                    "--image-b", str(ref_b), "--out", str(tmp_path / "y")]) == 2
   assert "an IP-Adapter needs both ip_adapter (--ip-adapter FILE) and image_encoder" in capsys.readouterr().err
+
+
+def test_several_interpolations_in_one_batch_equal_each_alone(tiny_models):
+  from kadiff_jax.interpolation.pipeline import Request, interpolate_many
+  opts = InterpolationOptions(steps=3)
+  requests = [Request("a cat", "a dog", seed=1), Request("a beach", "a forest", guide_prompt="a lake", seed=2)]
+  both = interpolate_many(tiny_models, requests, [0.5], opts)
+  for req, got in zip(requests, both):
+    alone = interpolate(tiny_models, req.prompt_a, req.prompt_b, [0.5], opts, guide_prompt=req.guide_prompt,
+                        seed=req.seed)
+    assert max_rel_err(got.latents, alone.latents) < 2e-5
+  assert np.abs(both[0].latents - both[1].latents).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_interpolations_split_over_4_cpu_devices(tmp_path, tiny_dir):
+  """Whole frame groups per device: 3 interpolations on 4 devices (one dummy group) equal one device's run."""
+  import subprocess
+  import sys
+  import textwrap
+  script = textwrap.dedent(f"""
+      import numpy as np, jax
+      from kadiff_jax.weights.models import load_models
+      from kadiff_jax.interpolation.pipeline import InterpolationOptions, Request, interpolate_many
+      m = load_models({str(tiny_dir)!r})
+      reqs = [Request("a cat", "a dog", seed=s) for s in range(3)]
+      out = interpolate_many(m, reqs, [0.3, 0.6], InterpolationOptions(steps=3))
+      np.save({str(tmp_path / "lat.npy")!r}, np.stack([o.latents for o in out]))
+      print(len(jax.devices()))
+  """)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert res.stdout.strip().splitlines()[-1] == "4"
+  from kadiff_jax.interpolation.pipeline import Request, interpolate_many
+  from kadiff_jax.weights.models import load_models
+  m = load_models(str(tiny_dir))
+  one = interpolate_many(m, [Request("a cat", "a dog", seed=s) for s in range(3)], [0.3, 0.6],
+                         InterpolationOptions(steps=3), mesh=__import__("kadiff_jax.sharding").sharding.data_mesh(
+                             jax.devices()[:1]))
+  assert max_rel_err(np.load(tmp_path / "lat.npy"), np.stack([o.latents for o in one])) < 2e-5

@@ -17,10 +17,13 @@ import json
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import jax
 import numpy as np
+from PIL import Image
 
 from kadiff_jax import image_io, records
-from kadiff_jax.interpolation.pipeline import InterpolationOptions, interpolate
+from kadiff_jax.interpolation.cli import strip
+from kadiff_jax.interpolation.pipeline import InterpolationOptions, Request, interpolate_many
 from kadiff_jax.outputs import OutputDir, check_id
 
 METHODS = ("text", "aid_outer", "aid_inner", "paid")
@@ -83,22 +86,29 @@ def run(models, pairs: Sequence[Pair], methods: Sequence[str], coefs: Sequence[f
              "coefficients": list(coefs), "options": dataclasses.asdict(method_options(m, options))}
             for p, m in jobs]
   plan = records.plan_resume(out, ids, inputs, overwrite=overwrite)
+  frames_of: dict[int, np.ndarray] = {}
+  per_call = len(jax.devices())  # one interpolation per device per call (whole frame groups per device)
+  for method in methods:  # one batched call per method and chunk: the options are the method's
+    todo = [n for n in plan.todo if jobs[n][1] == method]
+    for start in range(0, len(todo), per_call):
+      chunk = todo[start:start + per_call]
+      requests = [Request(jobs[n][0].prompt_a, jobs[n][0].prompt_b, inputs[n]["guide_prompt"], seed=jobs[n][0].seed)
+                  for n in chunk]
+      for n, result in zip(chunk, interpolate_many(models, requests, coefs, method_options(method, options))):
+        job_id = ids[n]
+        names = [f"{job_id}_frame_{k:02d}.png" for k in range(len(coefs) + 2)]
+        for name, im in zip(names, result.images):
+          out.write_bytes(name, image_io.png_bytes(im))
+        out.write_bytes(f"{job_id}_strip.png", image_io.png_bytes(strip(result.images, result.coefficients)))
+        out.write_text(f"{job_id}.json", json.dumps(records.record(
+            job_id, inputs[n], outputs={"strip": f"{job_id}_strip.png", **{f"frame_{k:02d}": f for k, f in
+                                                                          enumerate(names)}}), indent=1))
+        frames_of[n] = result.images
   rows = []
   for n, ((pair, method), job_id) in enumerate(zip(jobs, ids)):
     names = [f"{job_id}_frame_{k:02d}.png" for k in range(len(coefs) + 2)]
-    if n in plan.todo:
-      result = interpolate(models, pair.prompt_a, pair.prompt_b, coefs, method_options(method, options),
-                           guide_prompt=inputs[n]["guide_prompt"], seed=pair.seed)
-      for name, im in zip(names, result.images):
-        out.write_bytes(name, image_io.png_bytes(im))
-      from kadiff_jax.interpolation.cli import strip
-      out.write_bytes(f"{job_id}_strip.png", image_io.png_bytes(strip(result.images, result.coefficients)))
-      out.write_text(f"{job_id}.json", json.dumps(records.record(
-          job_id, inputs[n], outputs={"strip": f"{job_id}_strip.png", **{f"frame_{k:02d}": f for k, f in
-                                                                        enumerate(names)}}), indent=1))
-      frames = result.images
-    else:
-      from PIL import Image
+    frames = frames_of.get(n)
+    if frames is None:
       frames = np.stack([np.asarray(Image.open(io.BytesIO(out.read_bytes(f))).convert("RGB")) for f in names])
     targets = [pair.prompt_a] + ([pair.guide_prompt] * len(coefs) if method == "paid" else []) + [pair.prompt_b]
     chosen = [0] + (list(range(1, len(coefs) + 1)) if method == "paid" else []) + [len(frames) - 1]

@@ -95,10 +95,12 @@ MODES = ("text", "morph", "scale-control")
 @persistent_jit(static_argnames=("unet_config", "scheduler", "layout", "dtype", "variant", "interp_uncond", "mode"))
 def interpolation_denoise(unet_params, noise, cond, sched_state, guidance, coefs, warmup, image=None, *, unet_config,
                           scheduler, layout: RowLayout, dtype, variant: str, interp_uncond: bool, mode: str = "text"):
-  """Every step from noise [frames, h, w, C]; coefs [frames]; warmup: the traced W; `image` (morph and scale
-  control): HookInputs(IP-Adapter layers, IPAdapterRows of tokens and scales per row). Returns final latents."""
+  """Every step from noise [G * frames, h, w, C] (G interpolations); coefs [G * frames]; warmup: the traced W;
+  `image` (morph and scale control): HookInputs(IP-Adapter layers, IPAdapterRows of tokens and scales per row).
+  Returns final latents."""
   coef_rows = layout.broadcast(coefs)
-  role_on = layout.interleave({r: jnp.full((layout.count(r),), r == layout.cond or interp_uncond)
+  groups = noise.shape[0] // layout.group
+  role_on = layout.interleave({r: jnp.full((groups * layout.count(r),), r == layout.cond or interp_uncond)
                                for r in layout.roles})
   hooks = [InterpolatedAttention(layout, variant)]
   if mode == "scale-control":  # every row adds c_r Attn(q, Kip_B, Vip_B): the plain hook with scale c_r
@@ -152,6 +154,97 @@ def image_rows(adapter, mode: str, layout: RowLayout, ts: Sequence[float], image
   return ip_adapter.hook_inputs(adapter, layout.interleave(tokens), scale)
 
 
+class Request(NamedTuple):
+  """One interpolation of a batch (`interpolate_many`)."""
+
+  prompt_a: str
+  prompt_b: str
+  guide_prompt: str | None = None
+  negative_prompt: str | None = None
+  seed: int = 0
+  init_latents: np.ndarray | None = None  # [2, h, w, C] NHWC, before init_noise_sigma
+  image_a: object = None                  # PIL images for morph / scale control
+  image_b: object = None
+
+
+def _group_inputs(models, req: Request, ts: list[float], options: InterpolationOptions, gen, layout: RowLayout,
+                  shape, mode: str, adapter):
+  """One interpolation's rows: (noise [n, h, w, C], embeds [rows, L, D], pooled [rows, P], image HookInputs or
+  None, step keys [n, 2])."""
+  z = endpoint_noise(req.seed, shape) if req.init_latents is None else np.asarray(req.init_latents, np.float32)
+  if z.shape != (2,) + shape:
+    raise ValueError(f"init latents have shape {tuple(z.shape)} (NHWC), expected {(2,) + shape} (start and end) "
+                     f"for {gen.height}x{gen.width}")
+  axis_latent = -2 if options.slerp_axes == "last" else None  # NCHW's last axis (W) is NHWC's -2
+  axis_embed = -1 if options.slerp_axes == "last" else None
+  noise = np.stack([z[0], *[np.asarray(slerp(z[0], z[1], t, axis_latent)) for t in ts[1:-1]], z[1]])
+  ends = conditioning.encode_prompts(models, [req.prompt_a, req.prompt_b])
+  neg = conditioning.encode_negative(models, [req.negative_prompt] * 2, ends)
+  guide = conditioning.encode_prompts(models, [req.guide_prompt]) if req.guide_prompt is not None else None
+
+  def frames_of(pair, middle=None):
+    """[n, ...] from the endpoints' pair [2, ...]: middles blended, or the guide's value."""
+    a, b = np.asarray(pair[0]), np.asarray(pair[1])
+    mids = [np.asarray(middle) if middle is not None else np.asarray(blend(options.init, a, b, t, axis_embed))
+            for t in ts[1:-1]]
+    return np.stack([a, *mids, b])
+
+  per_role = {"cond": (frames_of(ends.embeds, None if guide is None else guide.embeds[0]),
+                       frames_of(ends.pooled, None if guide is None else guide.pooled[0]))}
+  if layout.uncond:
+    # PAID: the guide's negatives equal the endpoints' (one negative prompt), i.e. A's
+    per_role["uncond"] = (frames_of(neg.embeds, None if guide is None else neg.embeds[0]),
+                          frames_of(neg.pooled, None if guide is None else neg.pooled[0]))
+  embeds = layout.interleave({r: v[0] for r, v in per_role.items()})
+  pooled = layout.interleave({r: v[1] for r, v in per_role.items()})
+  image = None if mode == "text" else image_rows(adapter, mode, layout, ts, req.image_a, req.image_b, options)
+  return noise, embeds, pooled, image, t2i.step_keys([(req.seed, i) for i in range(len(ts))])
+
+
+def interpolate_many(models, requests: Sequence[Request], coefs: Sequence[float], options: InterpolationOptions, *,
+                     mode: str = "text", adapter=None, mesh=None) -> list[Interpolation]:
+  """Several interpolations with the same coefficients in one pass: each is a group of frame rows, and the groups
+  are split over the devices (whole groups per device; a device's middles read only its own endpoints)."""
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+  if mode != "text" and adapter is None:
+    raise ValueError(f"mode {mode!r} needs an IP-Adapter (--ip-adapter and --image-encoder)")
+  if not requests:
+    return []
+  gen = options.generation(models)
+  f = models.vae_scale_factor
+  shape = (gen.height // f, gen.width // f, models.unet_config.in_channels)
+  ts = [0.0, *[float(c) for c in coefs], 1.0]
+  n, g = len(ts), len(requests)
+  layout = frames_layout(n, gen.guidance)
+  parts = [_group_inputs(models, r, ts, options, gen, layout, shape, mode, adapter) for r in requests]
+  cat = lambda k: np.concatenate([np.asarray(p[k]) for p in parts])
+  devices = jax.devices()
+  mesh = mesh or sharding.data_mesh(devices[:min(g, len(devices))])  # one interpolation: one device, no padding
+  per_frame = lambda a: sharding.shard_jobs(a, mesh, g, layout.group)
+  per_row = lambda a: sharding.shard_jobs(a, mesh, g, layout.rows)
+  cond = per_row(conditioning.unet_cond(models, cat(1), cat(2), gen.height, gen.width))
+  image = None
+  if mode != "text":
+    image = HookInputs(sharding.replicate(parts[0][3].params, mesh),
+                       per_row(jax.tree_util.tree_map(lambda *a: np.concatenate([np.asarray(x) for x in a]),
+                                                      *[p[3].rows for p in parts])))
+  sched = schedulers.from_name(gen.scheduler, models.scheduler_config)
+  state = sched.set_timesteps(gen.steps)
+  if schedulers.stochastic(sched):
+    state = sched.with_keys(state, per_frame(cat(4)))
+  dtype = jax.tree_util.tree_leaves(models.unet_params)[0].dtype
+  latents = interpolation_denoise(
+      sharding.replicate(models.unet_params, mesh), per_frame(cat(0)), cond, state, jnp.float32(gen.guidance),
+      per_frame(np.tile(np.asarray(ts, np.float32), g)), jnp.int32(options.warmup()), image,
+      unet_config=models.unet_config, scheduler=sched, layout=layout, dtype=dtype, variant=options.variant,
+      interp_uncond=options.interp_uncond, mode=mode)
+  vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
+  images = t2i.decode(sharding.replicate(models.vae_params, mesh), latents, config=models.vae_config, dtype=vae_dtype)
+  latents, images = sharding.to_host(latents)[:g * n], image_io.to_uint8(sharding.to_host(images)[:g * n])
+  return [Interpolation(ts, images[k * n:(k + 1) * n], latents[k * n:(k + 1) * n]) for k in range(g)]
+
+
 def interpolate(models, prompt_a: str, prompt_b: str, coefs: Sequence[float], options: InterpolationOptions, *,
                 negative_prompt: str | None = None, guide_prompt: str | None = None, seed: int = 0,
                 init_latents: np.ndarray | None = None, mode: str = "text", adapter=None, image_a=None,
@@ -162,54 +255,5 @@ def interpolate(models, prompt_a: str, prompt_b: str, coefs: Sequence[float], op
   init_noise_sigma. With `guide_prompt` (PAID) the middle frames take its embeddings instead. `mode` "morph"
   (between image_a and image_b) and "scale-control" (toward image_b) add the IP-Adapter `adapter` (spec 4).
   """
-  if mode not in MODES:
-    raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-  if mode != "text" and adapter is None:
-    raise ValueError(f"mode {mode!r} needs an IP-Adapter (--ip-adapter and --image-encoder)")
-  gen = options.generation(models)
-  f = models.vae_scale_factor
-  shape = (gen.height // f, gen.width // f, models.unet_config.in_channels)
-  z = endpoint_noise(seed, shape) if init_latents is None else np.asarray(init_latents, np.float32)
-  if z.shape != (2,) + shape:
-    raise ValueError(f"init latents have shape {tuple(z.shape)} (NHWC), expected {(2,) + shape} (start and end) "
-                     f"for {gen.height}x{gen.width}")
-  ts = [0.0, *[float(c) for c in coefs], 1.0]
-  n = len(ts)
-  axis_latent = -2 if options.slerp_axes == "last" else None  # NCHW's last axis (W) is NHWC's -2
-  axis_embed = -1 if options.slerp_axes == "last" else None
-  noise = np.stack([z[0], *[np.asarray(slerp(z[0], z[1], t, axis_latent)) for t in ts[1:-1]], z[1]])
-
-  ends = conditioning.encode_prompts(models, [prompt_a, prompt_b])
-  neg = conditioning.encode_negative(models, [negative_prompt] * 2, ends)
-  guide = conditioning.encode_prompts(models, [guide_prompt]) if guide_prompt is not None else None
-
-  def frames_of(pair, middle=None):
-    """[n, ...] from the endpoints' pair [2, ...]: middles blended, or the guide's value."""
-    a, b = np.asarray(pair[0]), np.asarray(pair[1])
-    mids = [np.asarray(middle) if middle is not None else np.asarray(blend(options.init, a, b, t, axis_embed))
-            for t in ts[1:-1]]
-    return np.stack([a, *mids, b])
-
-  embeds = frames_of(ends.embeds, None if guide is None else guide.embeds[0])
-  pooled = frames_of(ends.pooled, None if guide is None else guide.pooled[0])
-  layout = frames_layout(n, gen.guidance)
-  per_role = {"cond": (embeds, pooled)}
-  if layout.uncond:
-    # PAID: the guide's negatives equal the endpoints' (one negative prompt), i.e. A's
-    per_role["uncond"] = (frames_of(neg.embeds, None if guide is None else neg.embeds[0]),
-                          frames_of(neg.pooled, None if guide is None else neg.pooled[0]))
-  cond = conditioning.unet_cond(models, layout.interleave({r: v[0] for r, v in per_role.items()}),
-                                layout.interleave({r: v[1] for r, v in per_role.items()}), gen.height, gen.width)
-  sched = schedulers.from_name(gen.scheduler, models.scheduler_config)
-  state = sched.set_timesteps(gen.steps)
-  if schedulers.stochastic(sched):
-    state = sched.with_keys(state, t2i.step_keys([(seed, i) for i in range(n)]))
-  dtype = jax.tree_util.tree_leaves(models.unet_params)[0].dtype
-  image = None if mode == "text" else image_rows(adapter, mode, layout, ts, image_a, image_b, options)
-  latents = interpolation_denoise(
-      models.unet_params, jnp.asarray(noise), cond, state, jnp.float32(gen.guidance), jnp.asarray(ts, jnp.float32),
-      jnp.int32(options.warmup()), image, unet_config=models.unet_config, scheduler=sched, layout=layout,
-      dtype=dtype, variant=options.variant, interp_uncond=options.interp_uncond, mode=mode)
-  vae_dtype = jax.tree_util.tree_leaves(models.vae_params)[0].dtype
-  images = t2i.decode(models.vae_params, latents, config=models.vae_config, dtype=vae_dtype)
-  return Interpolation(ts, image_io.to_uint8(np.asarray(images)), np.asarray(latents))
+  request = Request(prompt_a, prompt_b, guide_prompt, negative_prompt, seed, init_latents, image_a, image_b)
+  return interpolate_many(models, [request], coefs, options, mode=mode, adapter=adapter)[0]
