@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 
 import numpy as np
 
 from kadiff_jax import cli_args, config
 from kadiff_jax.cli_args import UsageError
-
-log = logging.getLogger("kadiff_jax")
 
 
 def _coefficients(args) -> list[float]:
