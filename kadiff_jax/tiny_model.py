@@ -187,7 +187,8 @@ def write_tiny_ip_adapter(folder: Path, ucfg: unet.UNetConfig, seed: int = 0, fa
     layers = {s.path: {n: (rng.standard_normal((cross, s.channels)) / np.sqrt(cross))
                        .astype(np.float32) for n in ("to_k_ip", "to_v_ip")}
               for s in unet.attention_sites(ucfg).values() if s.kind == "cross"}
-    adapter = IPAdapter(ecfg, None, pcfg, random_params(image_proj.init_shapes(pcfg), [seed, 12] + ([k] if k else [])), layers)
+    proj = random_params(image_proj.init_shapes(pcfg), [seed, 12] + ([k] if k else []))
+    adapter = IPAdapter(ecfg, None, pcfg, proj, layers)
     path = folder.parent / name
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state(adapter, ucfg), str(path))

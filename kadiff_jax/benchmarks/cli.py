@@ -1,4 +1,5 @@
-"""`kadiff benchmark unet|correspondence|pipeline|index|interpolation`: timings against the reference, JSON on the last line."""
+"""`kadiff benchmark unet|correspondence|pipeline|index|interpolation`: timings against the reference, JSON
+on the last line."""
 
 from __future__ import annotations
 

@@ -100,7 +100,8 @@ def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub) -> None:
-  g = sub.add_parser("generate", help="text-to-image on any model family (IP-Adapter with --reference; KA-Diff with --mode)")
+  g = sub.add_parser("generate", help="text-to-image on any model family (IP-Adapter with --reference; KA-Diff "
+                     "with --mode)")
   g.add_argument("--prompt", default=None)
   g.add_argument("--out", required=True, help="output folder for PNGs (and config.yaml)")
   g.add_argument("--seed", type=int, default=0)

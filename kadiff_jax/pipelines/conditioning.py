@@ -50,7 +50,8 @@ def encode_prompts(models: DiffusionModels, prompts: Sequence[str]) -> PromptEmb
                  config_2=models.text_config_2 if second else None)
 
 
-def encode_negative(models: DiffusionModels, negative_prompts: Sequence[str | None], like: PromptEmbeds) -> PromptEmbeds:
+def encode_negative(models: DiffusionModels, negative_prompts: Sequence[str | None],
+                    like: PromptEmbeds) -> PromptEmbeds:
   """Negative embeddings: zeros where no negative prompt is given and the model asks for
   `force_zeros_for_empty_prompt` (SDXL), else the encoded (possibly empty) prompt."""
   if all(p is None for p in negative_prompts) and models.force_zeros_for_empty_prompt:

@@ -194,7 +194,8 @@ def run_batch(models: DiffusionModels, batch: Batch, options: GenerationOptions,
   return sharding.to_host(latents)[:n], sharding.to_host(images)[:n]
 
 
-def job_inputs(job: Job, models: DiffusionModels, options: GenerationOptions, adapter: ip_adapter.IPAdapter | None = None,
+def job_inputs(job: Job, models: DiffusionModels, options: GenerationOptions,
+               adapter: ip_adapter.IPAdapter | None = None,
                init_latents: np.ndarray | None = None) -> dict:
   """Everything that decides a text-to-image (or IP-Adapter) job's pixels: its record's fingerprinted inputs."""
   from kadiff_jax import records

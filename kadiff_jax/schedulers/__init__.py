@@ -1,4 +1,4 @@
-"""Pure diffusion schedulers: `from_name(name, diffusers_config)` -> scheduler; `scheduler.set_timesteps(n)` -> state."""
+"""Pure diffusion schedulers: `from_name(name, diffusers_config)` -> scheduler; `set_timesteps(n)` -> state."""
 
 from kadiff_jax.schedulers.common import SchedulerConfig
 from kadiff_jax.schedulers.ddim import DDIM

@@ -3,13 +3,13 @@
 A family decides how prompts become UNet conditioning and which defaults
 text-to-image uses; nothing else in the pipelines asks which model it is.
 
-| family       | pipeline class              | conditioning                                         | default steps, guidance |
-|--------------|-----------------------------|------------------------------------------------------|-------------------------|
-| `sdxl`       | StableDiffusionXLPipeline   | two encoders' penultimate states, pooled + time ids  | 50, 5.0                 |
-| `sdxl-turbo` | StableDiffusionXLPipeline   | as sdxl                                              | 1, 0.0                  |
-| `sd15`       | StableDiffusionPipeline     | CLIP ViT-L (quick_gelu) last hidden state            | 50, 7.5                 |
-| `sd21`       | StableDiffusionPipeline     | OpenCLIP ViT-H (gelu) last hidden state (SD2.0/2.1)  | 50, 7.5                 |
-| `sd-turbo`   | StableDiffusionPipeline     | as sd21                                              | 1, 0.0                  |
+| family       | pipeline class            | conditioning                                        | steps, guidance |
+|--------------|---------------------------|-----------------------------------------------------|-----------------|
+| `sdxl`       | StableDiffusionXLPipeline | two encoders' penultimate states, pooled + time ids | 50, 5.0         |
+| `sdxl-turbo` | StableDiffusionXLPipeline | as sdxl                                             | 1, 0.0          |
+| `sd15`       | StableDiffusionPipeline   | CLIP ViT-L (quick_gelu) last hidden state           | 50, 7.5         |
+| `sd21`       | StableDiffusionPipeline   | OpenCLIP ViT-H (gelu) last hidden state (SD2.x)     | 50, 7.5         |
+| `sd-turbo`   | StableDiffusionPipeline   | as sd21                                             | 1, 0.0          |
 
 A 768-px SD2.x folder (the v-prediction releases) whose scheduler config
 does not say its prediction type is refused rather than read as epsilon.
@@ -66,7 +66,8 @@ def detect(root: Path, index: dict, unet_config: dict, text_config: dict | None,
   upscaling UNet, an unknown pipeline class)."""
   cls = index.get("_class_name")
   if "transformer" in index or "unet" not in index:
-    found = "a 'transformer' component" if "transformer" in index else f"components {sorted(k for k in index if not k.startswith('_'))}"
+    parts = sorted(k for k in index if not k.startswith("_"))
+    found = "a 'transformer' component" if "transformer" in index else f"components {parts}"
     raise ConfigError(f"{root}: pipeline class {cls!r} with {found} is not a UNet Stable Diffusion pipeline; "
                       f"supported: {', '.join(XL_CLASSES + SD_CLASSES)} (SD1.x, SD2.x, SD-Turbo, SDXL, SDXL-Turbo)")
   if cls not in XL_CLASSES + SD_CLASSES:
