@@ -36,6 +36,20 @@ class InterpolationArgs(NamedTuple):
   active: jax.Array  # [R] bool: interpolate this row at this step
 
 
+def endpoints(layout: RowLayout, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(A's, B's) rows of each row's role and group, shaped like x [R, ...]."""
+  rows = layout.split(x)  # [G, rows, ...]
+  firsts, lasts = [], []
+  for role in layout.roles:
+    span = layout.span(role)
+    n = span.stop - span.start
+    pick = lambda j: jnp.broadcast_to(rows[:, j:j + 1], (rows.shape[0], n) + rows.shape[2:])
+    firsts.append(pick(span.start))
+    lasts.append(pick(span.stop - 1))
+  join = lambda parts: jnp.concatenate(parts, axis=1).reshape(x.shape)
+  return join(firsts), join(lasts)
+
+
 @dataclasses.dataclass(frozen=True)
 class InterpolatedAttention:
   layout: RowLayout            # group = frames per interpolation, A first and B last in every role
@@ -51,25 +65,12 @@ class InterpolatedAttention:
   def selects(self, site: AttentionSite) -> bool:
     return site.kind in self.kinds
 
-  def endpoints(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(A's, B's) rows of each row's role and group, shaped like x [R, ...]."""
-    rows = self.layout.split(x)  # [G, rows, ...]
-    firsts, lasts = [], []
-    for role in self.layout.roles:
-      span = self.layout.span(role)
-      n = span.stop - span.start
-      pick = lambda j: jnp.broadcast_to(rows[:, j:j + 1], (rows.shape[0], n) + rows.shape[2:])
-      firsts.append(pick(span.start))
-      lasts.append(pick(span.stop - 1))
-    join = lambda parts: jnp.concatenate(parts, axis=1).reshape(x.shape)
-    return join(firsts), join(lasts)
-
   def __call__(self, call: AttentionCall, attend, args: InterpolationArgs):
     q, k, v = call.q, call.k, call.v
     c = args.coef.astype(jnp.float32)[:, None, None, None]
 
     def interpolated():
-      (k_a, k_b), (v_a, v_b) = self.endpoints(k), self.endpoints(v)
+      (k_a, k_b), (v_a, v_b) = endpoints(self.layout, k), endpoints(self.layout, v)
       own = lambda x, e: jnp.concatenate([x, e], axis=1) if self.variant.startswith("fused") else e
       if self.variant.endswith("outer"):
         out_a = attend(q, own(k, k_a), own(v, v_a)).astype(jnp.float32)
@@ -119,8 +120,7 @@ class InterpolatedIPAdapter:
     ip = lambda kk, vv: dot_product_attention(call.q, kk, vv, upcast=self.upcast).astype(jnp.float32)
     own = ip(k, v)
     if self.variant.endswith("outer"):
-      helper = InterpolatedAttention(self.layout, self.variant)
-      (k_a, k_b), (v_a, v_b) = helper.endpoints(k), helper.endpoints(v)
+      (k_a, k_b), (v_a, v_b) = endpoints(self.layout, k), endpoints(self.layout, v)
       cat = (lambda x, e: jnp.concatenate([x, e], axis=1)) if self.variant == "fused_outer" else (lambda x, e: e)
       c = rows.coef.astype(jnp.float32)[:, None, None, None]
       mixed = lambda: (1 - c) * ip(cat(k, k_a), cat(v, v_a)) + c * ip(cat(k, k_b), cat(v, v_b))
