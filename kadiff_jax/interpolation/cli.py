@@ -45,6 +45,32 @@ def gif_bytes(images, ms_per_frame: int = 400) -> bytes:
   return buf.getvalue()
 
 
+def write_frames(out, result, metadata: dict) -> list[str]:
+  """Writes frame_NN.png (each with its coefficient in the PNG text), strip.png and interpolation.gif into the
+  output folder `out`; returns the frames' names."""
+  from kadiff_jax import image_io
+  names = [f"frame_{k:02d}.png" for k in range(len(result.images))]
+  for name, im, c in zip(names, result.images, result.coefficients):
+    out.write_bytes(name, image_io.png_bytes(im, {**metadata, "coefficient": f"{c:.6f}"}))
+  out.write_bytes("strip.png", image_io.png_bytes(strip(result.images, result.coefficients)))
+  out.write_bytes("interpolation.gif", gif_bytes(result.images))
+  return names
+
+
+def record(models, adapter, opts, result, names: list[str], **fields) -> dict:
+  """interpolation.json: the model, the request's `fields` (prompts, seed, mode, images...), the coefficients,
+  the frames' names and the resolved options."""
+  gen = opts.generation(models)
+  head = {"model": str(models.source), "family": models.family.name}
+  return {**head, **{k: fields.pop(k) for k in ("prompt_a", "prompt_b", "guide_prompt", "negative_prompt", "seed",
+                                                "init_latents")},
+          "coefficients": result.coefficients, "mode": fields.pop("mode"),
+          "ip_adapter": adapter.source if adapter else None, **{k: fields.pop(k) for k in ("image_a", "image_b")},
+          "frames": names, "warmup_steps": opts.warmup(), **fields,
+          "options": {**config.asdict(opts), "steps": gen.steps, "guidance": gen.guidance,
+                      "scheduler": gen.scheduler, "height": gen.height, "width": gen.width}}
+
+
 def _interpolate(args) -> None:
   from kadiff_jax import image_io
   from kadiff_jax.interpolation.pipeline import Interpolation, InterpolationOptions, interpolate
@@ -96,12 +122,7 @@ def _interpolate(args) -> None:
                          "beta": found.beta, "clip": args.clip}
   else:
     result = run(coefs)
-  names = [f"frame_{k:02d}.png" for k in range(len(result.images))]
-  for name, im, c in zip(names, result.images, result.coefficients):
-    out.write_bytes(name, image_io.png_bytes(im, {"prompt_a": args.prompt_a, "prompt_b": args.prompt_b,
-                                                 "coefficient": f"{c:.6f}", "seed": str(args.seed)}))
-  out.write_bytes("strip.png", image_io.png_bytes(strip(result.images, result.coefficients)))
-  out.write_bytes("interpolation.gif", gif_bytes(result.images))
+  names = write_frames(out, result, {"prompt_a": args.prompt_a, "prompt_b": args.prompt_b, "seed": str(args.seed)})
   if args.select:
     middles = list(range(1, len(names) - 1))
     scores = scorer.clip_t([result.images[k] for k in middles], [args.guide_prompt] * len(middles))
@@ -109,15 +130,10 @@ def _interpolate(args) -> None:
     out.write_bytes("selected.png", image_io.png_bytes(result.images[best]))
     extra["selected"] = {"by": "clip", "frame": names[best], "coefficient": result.coefficients[best],
                          "clip_t": [float(x) for x in scores]}
-  gen = opts.generation(models)
-  record = {"model": str(models.source), "family": models.family.name, "prompt_a": args.prompt_a,
-            "prompt_b": args.prompt_b, "guide_prompt": args.guide_prompt, "negative_prompt": args.negative_prompt,
-            "seed": args.seed, "init_latents": args.init_latents, "coefficients": result.coefficients,
-            "mode": args.mode, "ip_adapter": adapter.source if adapter else None, **images,
-            "frames": names, "warmup_steps": opts.warmup(), **extra,
-            "options": {**config.asdict(opts), "steps": gen.steps, "guidance": gen.guidance,
-                        "scheduler": gen.scheduler, "height": gen.height, "width": gen.width}}
-  out.write_text("interpolation.json", json.dumps(record, indent=1))
+  rec = record(models, adapter, opts, result, names, prompt_a=args.prompt_a, prompt_b=args.prompt_b,
+               guide_prompt=args.guide_prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+               init_latents=args.init_latents, mode=args.mode, **images, **extra)
+  out.write_text("interpolation.json", json.dumps(rec, indent=1))
   cli_args.write_config(args.out, args, model=model_opts, interpolation=opts)
   print(json.dumps({"out": str(args.out), "frames": len(names), "coefficients": [round(c, 6) for c in
                                                                                 result.coefficients]}))
