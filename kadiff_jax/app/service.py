@@ -177,7 +177,9 @@ class AppService:
     words = tuple(c["mask_words"]) if mask_source == "auto" and not options.get("mask_words") else None
     if words:
       options["mask_words"] = words
-    return self.generate(session, prompt or state["query"], c["image"], c["ref_prompt"], seed=seed,
+    # a web corpus's image was downloaded for the gallery: generate from those pixels (saved losslessly)
+    reference = c["picture"] if "://" in str(c["image"]) else c["image"]
+    return self.generate(session, prompt or state["query"], reference, c["ref_prompt"], seed=seed,
                          mask_source=mask_source, drawn=drawn, mask_file=mask_file, baseline=baseline,
                          extra_record=extra, action="generate-retrieved", **options)
 

@@ -154,6 +154,7 @@ def _knowledge_tab(service: AppService) -> None:
       return {"background": shown, "layers": [], "composite": shown}
 
     choice.input(pick, [state, choice], editor, api_visibility="private")
+
     def select(evt: gr.SelectData):
       return evt.index
 
