@@ -205,9 +205,10 @@ class AppService:
     folder = self.folder(session, action)
     out = OutputDir(folder)
     if not isinstance(reference, (str, Path)):
-      reference = out.write_bytes("reference.png", image_io.png_bytes(np.asarray(reference)[..., :3]))
+      picture = np.asarray(reference)[..., :3]
+      reference = out.write_bytes("reference.png", image_io.png_bytes(picture))
     else:
-      image_io.load_rgb(reference)  # a bad image is one line, before any work
+      picture = np.asarray(image_io.load_rgb(reference))  # a bad image is one line, before any work
     mask = {"auto": "auto", "none": None}.get(mask_source)
     if mask_source == "drawn":
       mask = out.write_bytes("mask.png", image_io.png_bytes(strokes_mask(drawn)))
@@ -226,8 +227,7 @@ class AppService:
       used = R.load_mask(str(mask), opts.size, opts.mask_padding)
     else:
       used = np.ones((opts.size, opts.size), bool)
-    overlay = out.write_bytes("mask_overlay.png", image_io.png_bytes(
-        mask_overlay(np.asarray(image_io.load_rgb(reference)), used)))
+    overlay = out.write_bytes("mask_overlay.png", image_io.png_bytes(mask_overlay(picture, used)))
     state = {"folder": str(folder), "job": dataclasses.asdict(job), "options": {k: v for k, v in options.items()
                                                                                   if v is not None}}
     out.write_text("run.json", json.dumps(state, indent=1, default=str))

@@ -57,16 +57,16 @@ def write_frames(out, result, metadata: dict) -> list[str]:
   return names
 
 
-def record(models, adapter, opts, result, names: list[str], **fields) -> dict:
-  """interpolation.json: the model, the request's `fields` (prompts, seed, mode, images...), the coefficients,
-  the frames' names and the resolved options."""
+def record(models, adapter, opts, result, names: list[str], *, prompt_a, prompt_b, guide_prompt, negative_prompt,
+           seed, init_latents, mode, image_a, image_b, **extra) -> dict:
+  """interpolation.json: the model, the request, the coefficients, the frames' names, `extra` (exploration,
+  selection) and the resolved options."""
   gen = opts.generation(models)
-  head = {"model": str(models.source), "family": models.family.name}
-  return {**head, **{k: fields.pop(k) for k in ("prompt_a", "prompt_b", "guide_prompt", "negative_prompt", "seed",
-                                                "init_latents")},
-          "coefficients": result.coefficients, "mode": fields.pop("mode"),
-          "ip_adapter": adapter.source if adapter else None, **{k: fields.pop(k) for k in ("image_a", "image_b")},
-          "frames": names, "warmup_steps": opts.warmup(), **fields,
+  return {"model": str(models.source), "family": models.family.name, "prompt_a": prompt_a, "prompt_b": prompt_b,
+          "guide_prompt": guide_prompt, "negative_prompt": negative_prompt, "seed": seed,
+          "init_latents": init_latents, "coefficients": result.coefficients, "mode": mode,
+          "ip_adapter": adapter.source if adapter else None, "image_a": image_a, "image_b": image_b,
+          "frames": names, "warmup_steps": opts.warmup(), **extra,
           "options": {**config.asdict(opts), "steps": gen.steps, "guidance": gen.guidance,
                       "scheduler": gen.scheduler, "height": gen.height, "width": gen.width}}
 
