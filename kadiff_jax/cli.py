@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
   from kadiff_jax.interpolation import cli as interpolation_cli
   from kadiff_jax.kadiff import cli as kadiff_cli
   from kadiff_jax.pipelines import cli as pipelines_cli
+  from kadiff_jax.ragturbo import cli as ragturbo_cli
   from retrieval import cli as retrieval_cli
   p = argparse.ArgumentParser(prog="kadiff", description="KA-Diff in JAX: knowledge-augmented text-to-image.")
   p.add_argument("-v", "--verbose", action="count", default=0, help="-v: debug lines and tracebacks; -v -v: the "
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
   kadiff_cli.add_parsers(sub)
   interpolation_cli.add_parsers(sub)
   retrieval_cli.add_parser(sub)
+  ragturbo_cli.add_parsers(sub)
   evaluation_cli.add_parsers(sub)
   benchmarks_cli.add_parsers(sub)
   app_cli.add_parsers(sub)

@@ -64,6 +64,16 @@ class CorpusEntry:
     return d
 
 
+def caption_text(entry: CorpusEntry) -> str:
+  """The entry's caption, or its title where it has none: what an H-space database embeds and prompts with."""
+  return entry.caption.strip() or entry.title
+
+
+# The texts an index can embed per entry, by the name its manifest records.
+FULL_DOCUMENT = "title. aliases. caption. summary"
+DOCUMENTS = {FULL_DOCUMENT: CorpusEntry.document, "caption": caption_text}
+
+
 def wit_docid(page_url: str, image_url: str) -> str:
   return hashlib.sha1(f"{page_url}\t{image_url}".encode()).hexdigest()[:16]
 

@@ -67,13 +67,14 @@ def _leftovers(dest: Path) -> list[tuple[Path, str, int]]:
   return out
 
 
-def recover(dest: str | os.PathLike) -> None:
-  """Puts back an index a killed save left only as `.NAME.old-PID`; removes dead saves' temporary folders."""
+def recover(dest: str | os.PathLike, fmt: str = FORMAT) -> None:
+  """Puts back an index (of manifest format `fmt`) a killed save left only as `.NAME.old-PID`; removes dead saves'
+  temporary folders."""
   dest = Path(dest)
   for path, kind, pid in _leftovers(dest):
     if pid != os.getpid() and _pid_alive(pid):
       continue  # another save is running
-    if kind == "old" and not dest.exists() and is_ours(path):
+    if kind == "old" and not dest.exists() and is_ours(path, fmt):
       os.replace(path, dest)
       log.warning("recovered index %s from %s (a save was interrupted between its renames)", dest, path.name)
     else:
@@ -81,29 +82,32 @@ def recover(dest: str | os.PathLike) -> None:
       log.warning("removed %s, left by an interrupted index save", path)
 
 
-def is_ours(folder: Path) -> bool:
-  """Whether `folder` holds a manifest of this index format (any version)."""
+def is_ours(folder: Path, fmt: str = FORMAT) -> bool:
+  """Whether `folder` holds a manifest of format `fmt` (any version)."""
   try:
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
   except (OSError, ValueError):
     return False
-  return isinstance(manifest, dict) and manifest.get("format") == FORMAT and isinstance(manifest.get("version"), int)
+  return isinstance(manifest, dict) and manifest.get("format") == fmt and isinstance(manifest.get("version"), int)
 
 
-def check_destination(dest: str | os.PathLike) -> None:
-  """Fails unless an index may be written at `dest`: absent, or an index of ours (after recovering it)."""
+def check_destination(dest: str | os.PathLike, fmt: str = FORMAT, what: str = "kadiff retrieval index") -> None:
+  """Fails unless a folder of format `fmt` may be written at `dest`: absent, or one of ours (after recovering
+  it)."""
   dest = Path(dest)
   if dest.parent.is_dir():
-    recover(dest)
-  if dest.exists() and not is_ours(dest):
-    raise StoreError(f"{dest} exists and is not a kadiff retrieval index (no manifest.json with format "
-                     f"{FORMAT!r}); refusing to replace it")
+    recover(dest, fmt)
+  if dest.exists() and not is_ours(dest, fmt):
+    raise StoreError(f"{dest} exists and is not a {what} (no manifest.json with format {fmt!r}); refusing to "
+                     "replace it")
 
 
-def _atomic_dir(dest: Path, fill) -> None:
+def atomic_dir(dest: Path, fill, fmt: str = FORMAT, what: str = "kadiff retrieval index") -> None:
+  """Writes a folder of manifest format `fmt` at `dest`: `fill(tmp)` fills a sibling temporary folder, which is then
+  renamed into place (the previous folder is replaced only when it is of the same format)."""
   dest = Path(dest)
   dest.parent.mkdir(parents=True, exist_ok=True)
-  check_destination(dest)
+  check_destination(dest, fmt, what)
   tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
   old = dest.parent / f".{dest.name}.old-{os.getpid()}"
   for p in (tmp, old):
@@ -148,14 +152,17 @@ class RetrievalIndex:
   @classmethod
   def build(cls, entries: Sequence[corpus_lib.CorpusEntry], embedder, *, backend: str | None = None,
             params: index_lib.ScannParams = index_lib.ScannParams(), augment: str = "none",
-            batch_size: int = 64, progress: bool = False) -> "RetrievalIndex":
+            batch_size: int = 64, progress: bool = False,
+            document: str = corpus_lib.FULL_DOCUMENT) -> "RetrievalIndex":
+    """`document` names the text embedded per entry (a key of `corpus.DOCUMENTS`)."""
     entries = corpus_lib.validate(entries)
-    vectors = embedder.encode([e.document() for e in entries], batch_size=batch_size, progress=progress)
+    text = corpus_lib.DOCUMENTS[document]
+    vectors = embedder.encode([text(e) for e in entries], batch_size=batch_size, progress=progress)
     index = index_lib.build_index(vectors, [e.id for e in entries], backend, params)
     manifest = {
         "format": FORMAT, "version": VERSION,
         "embedder": {"id": embedder.id, "fingerprint": embedder.fingerprint, "dim": int(embedder.dim)},
-        "distance": "dot_product", "normalized": True, "document": "title. aliases. caption. summary",
+        "distance": "dot_product", "normalized": True, "document": document,
         "augment": augment, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return cls(index, manifest, entries={e.id: e for e in entries})
@@ -191,7 +198,8 @@ class RetrievalIndex:
     """Adds new entries and replaces existing ones (same docid)."""
     self.check_embedder(embedder)
     entries = corpus_lib.validate(entries, source="upserted entries")
-    vectors = embedder.encode([e.document() for e in entries])
+    text = corpus_lib.DOCUMENTS[self.manifest.get("document", corpus_lib.FULL_DOCUMENT)]
+    vectors = embedder.encode([text(e) for e in entries])
     self.index.upsert([e.id for e in entries], vectors)
     for e in entries:
       self._pending[e.id] = e
@@ -228,7 +236,7 @@ class RetrievalIndex:
       manifest["checksums"] = checksums(tmp)
       (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))  # last: marks the folder complete
 
-    _atomic_dir(folder, fill)
+    atomic_dir(folder, fill)
     self.manifest, self._store, self._pending = manifest, folder / "corpus.sqlite", {}
     return folder
 

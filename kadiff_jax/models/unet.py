@@ -4,6 +4,13 @@
 is a pure function returning `(eps, aux)`. `aux` holds the block outputs named
 in `capture` ("down_blocks.N", "mid_block", "up_blocks.N"; "up_blocks.0" is
 the DIFT feature map) and whatever the hooks report.
+
+The same network also runs in halves: `encode` (conv_in, down blocks, mid
+block) returns the H-space map h (the mid-block output) and the skip
+connections, and `decode(h, skips, ...)` runs the up blocks and the output
+head. Hooks act on two seams: attention hooks (`models.attention`) inside
+every attention layer, and H-space hooks (`models.hspace`) on h between the
+halves; `apply` runs both.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kadiff_jax.models import layers
+from kadiff_jax.models import hspace, layers
 from kadiff_jax.models.attention import Attention, AttentionSite
 from kadiff_jax.models.config_util import ConfigError, read_fields
 from kadiff_jax.programs import serializable
@@ -391,7 +398,9 @@ class UNet(nn.Module):
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, x, t, cond: UNetCond, hooks=(), hook_args=None, capture=()):
+  def __call__(self, x, t, cond: UNetCond, hooks=(), hook_args=None, capture=(), part="all", skips=()):
+    """`part` "all": x is the latent, returns eps. "encoder": returns (h, skips), the H-space map before any
+    H-space hook. "decoder": x is the H-space map and `skips` the encoder's skip connections; returns eps."""
     cfg, dt = self.config, self.dtype
 
     def keep(name, value):
@@ -415,16 +424,24 @@ class UNet(nn.Module):
       emb = emb + layers.TimestepEmbedding(cfg.time_embed_dim, dt, name="add_embedding")(add.astype(dt))
     context = cond.encoder_hidden_states.astype(dt)
 
-    h = layers.conv(cfg.block_out_channels[0], 3, dtype=dt, name="conv_in")(x.astype(dt))
-    skips = [h]
-    for i in range(cfg.num_blocks):
-      h, block_skips = DownBlock(i, cfg, self.implementation, dt, name=f"down_blocks_{i}")(
-          h, emb, context, hooks, hook_args)
-      skips.extend(block_skips)
-      keep(f"down_blocks.{i}", h)
-    if cfg.mid_block_type is not None:
-      h = MidBlock(cfg, self.implementation, dt, name="mid_block")(h, emb, context, hooks, hook_args)
-      keep("mid_block", h)
+    if part == "decoder":
+      h, skips = x.astype(dt), [s.astype(dt) for s in skips]
+    else:
+      h = layers.conv(cfg.block_out_channels[0], 3, dtype=dt, name="conv_in")(x.astype(dt))
+      skips = [h]
+      for i in range(cfg.num_blocks):
+        h, block_skips = DownBlock(i, cfg, self.implementation, dt, name=f"down_blocks_{i}")(
+            h, emb, context, hooks, hook_args)
+        skips.extend(block_skips)
+        keep(f"down_blocks.{i}", h)
+      if cfg.mid_block_type is not None:
+        h = MidBlock(cfg, self.implementation, dt, name="mid_block")(h, emb, context, hooks, hook_args)
+        keep("mid_block", h)
+      if part == "encoder":
+        return h, tuple(skips)
+      h, aux = hspace.run_hooks(h, hooks, hook_args)
+      for key, val in aux.items():
+        self.sow("intermediates", key, val)
     for i in range(cfg.num_blocks):
       h = UpBlock(i, cfg, self.implementation, dt, name=f"up_blocks_{i}")(h, skips, emb, context, hooks, hook_args)
       keep(f"up_blocks.{i}", h)
@@ -458,6 +475,25 @@ def apply(params, x, t, cond: UNetCond, *, config: UNetConfig, hooks: Sequence =
   eps, state = model.apply({"params": params}, x, t, cond, tuple(hooks), hook_args, tuple(capture),
                            mutable=["intermediates"])
   return eps, _flatten_intermediates(state.get("intermediates", {}))
+
+
+def encode(params, x, t, cond: UNetCond, *, config: UNetConfig, hooks: Sequence = (), hook_args=None,
+           dtype=jnp.float32, implementation: str | None = None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """The UNet's encoder half (conv_in, down blocks, mid block): returns (h [B, h, w, C_mid], skips).
+
+  h is the H-space map (Kwon et al.): the mid-block output, before any H-space hook. Attention hooks run in the
+  down and mid blocks as in `apply`. The decoder never runs."""
+  model = UNet(config, dtype, implementation)
+  return model.apply({"params": params}, x, t, cond, tuple(hooks), hook_args, (), "encoder")
+
+
+def decode(params, h, skips, t, cond: UNetCond, *, config: UNetConfig, hooks: Sequence = (), hook_args=None,
+           dtype=jnp.float32, implementation: str | None = None) -> jax.Array:
+  """The decoder half: up blocks and output head from the H-space map `h` and the encoder's `skips`; returns eps.
+
+  `decode(encode(x)...)` equals `apply(x)` without H-space hooks."""
+  model = UNet(config, dtype, implementation)
+  return model.apply({"params": params}, h, t, cond, tuple(hooks), hook_args, (), "decoder", tuple(skips))
 
 
 def init_shapes(config: UNetConfig, dtype=jnp.float32, batch: int = 1):

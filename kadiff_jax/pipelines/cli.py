@@ -9,6 +9,7 @@ from kadiff_jax import cli_args, config
 from kadiff_jax.cli_args import UsageError
 from kadiff_jax.kadiff.options import KADiffOptions
 from kadiff_jax.pipelines.text_to_image import GenerationOptions
+from kadiff_jax.ragturbo.pipeline import RagTurboOptions
 from kadiff_jax.sharding import DistributedOptions
 from kadiff_jax.weights.options import ModelOptions
 
@@ -16,9 +17,22 @@ log = logging.getLogger("kadiff_jax")
 _T2I_ONLY = sorted({f for f in GenerationOptions.__dataclass_fields__} - set(KADiffOptions.__dataclass_fields__))
 _KADIFF_ONLY = sorted(set(KADiffOptions.__dataclass_fields__) - set(GenerationOptions.__dataclass_fields__)
                       - {"negative_prompt", "ip_scale"})
+_RAG_ONLY = sorted(set(RagTurboOptions.__dataclass_fields__) | {"database"})
+RAG_TURBO = "rag-turbo"
 
 
 def _generate(args) -> None:
+  if args.mode != RAG_TURBO:
+    given = [k for k in _RAG_ONLY if getattr(args, k) is not None]
+    if given:
+      raise UsageError(f"{', '.join(given)}: RAG-Turbo options; pass --mode rag-turbo to use them")
+  if args.mode == RAG_TURBO:
+    given = [k for k in _KADIFF_ONLY if k != "mode" and getattr(args, k) is not None]
+    if given:
+      raise UsageError(f"{', '.join(given)}: KA-Diff options; --mode rag-turbo takes text-to-image and RAG-Turbo "
+                       "options")
+    from kadiff_jax.ragturbo.cli import generate_rag_turbo
+    return generate_rag_turbo(args)
   if args.mode is not None:
     given = [k for k in _T2I_ONLY if getattr(args, k) is not None]
     if given:
@@ -101,7 +115,7 @@ def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub) -> None:
   g = sub.add_parser("generate", help="text-to-image on any model family (IP-Adapter with --reference; KA-Diff "
-                     "with --mode)")
+                     "or RAG-Turbo with --mode)")
   g.add_argument("--prompt", default=None)
   g.add_argument("--out", required=True, help="output folder for PNGs (and config.yaml)")
   g.add_argument("--seed", type=int, default=0)
@@ -109,6 +123,11 @@ def add_parsers(sub) -> None:
   g.add_argument("--init-latents", default=None, help=".npy of [num_images, 4, H/8, W/8] float32 (NCHW)")
   g.add_argument("--reference", default=None, help="reference image (IP-Adapter; KA-Diff's concept)")
   add_common(g, GenerationOptions, KADiffOptions, group="generation (KA-Diff's with --mode)")
+  mode = next(a for a in g._actions if a.dest == "mode")  # KA-Diff's modes, and RAG-Turbo's
+  mode.help = mode.help.replace(" (default:", f", {RAG_TURBO} (one-step generation with retrieved H-space "
+                                "features, --database) (default:")
+  config.add_options(g, RagTurboOptions, group="RAG-Turbo (with --mode rag-turbo)")
+  g.add_argument("--database", default=None, help="--mode rag-turbo: an H-space database (`kadiff hspace build`)")
   k = g.add_argument_group("KA-Diff jobs (with --mode)")
   k.add_argument("--mask", default=None, help="concept mask of the reference (white = concept); 'auto': from the "
                  "reference's cross-attention")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from kadiff_jax import image_io, schedulers, sharding
 from kadiff_jax.config import option
 from kadiff_jax.models import ip_adapter, unet, vae
+from kadiff_jax.models.attention import HookInputs
 from kadiff_jax.job import Job
 from kadiff_jax.outputs import OutputDir
 from kadiff_jax.pipelines import conditioning
@@ -154,8 +155,12 @@ def ip_rows(adapter: ip_adapter.IPAdapter, batch: Batch, layout: RowLayout) -> i
 
 
 def run_batch(models: DiffusionModels, batch: Batch, options: GenerationOptions, mesh=None,
-              adapter: ip_adapter.IPAdapter | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Generates one batch; returns (final latents [B, h, w, C], images [B, H, W, 3] in [-1, 1])."""
+              adapter: ip_adapter.IPAdapter | None = None, hooks: Sequence = (),
+              hook_inputs: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Generates one batch; returns (final latents [B, h, w, C], images [B, H, W, 3] in [-1, 1]).
+
+  `hooks` (attention or H-space hooks, static) run in every UNet call with `hook_inputs` ({name: HookInputs}, whose
+  rows are per image: each image's row is repeated into all of its UNet rows)."""
   options = options.for_model(models)
   h, w = options.height, options.width
   f = models.vae_scale_factor
@@ -181,11 +186,13 @@ def run_batch(models: DiffusionModels, batch: Batch, options: GenerationOptions,
   cond = sharding.shard_jobs(conditioning.unet_cond(models, layout.interleave(embeds), layout.interleave(pooled),
                                                     h, w), mesh, n, layout.rows)
   noise = sharding.shard_jobs(jnp.asarray(batch.noise, jnp.float32), mesh, n)
-  hooks, hook_args = (), None
+  per_row = {name: HookInputs(v.params, jax.tree_util.tree_map(layout.broadcast, v.rows))
+             for name, v in (hook_inputs or {}).items()}
+  hooks = tuple(hooks)
   if adapter is not None:
-    hooks = (ip_adapter.IPAdapterAttention(upcast=models.unet_config.upcast_attention),)
-    hook_args = sharding.place_hook_inputs(
-        {"ip_adapter": ip_adapter.hook_inputs(adapter, *ip_rows(adapter, batch, layout))}, mesh, n, layout.rows)
+    hooks += (ip_adapter.IPAdapterAttention(upcast=models.unet_config.upcast_attention),)
+    per_row["ip_adapter"] = ip_adapter.hook_inputs(adapter, *ip_rows(adapter, batch, layout))
+  hook_args = sharding.place_hook_inputs(per_row, mesh, n, layout.rows) if per_row else None
   params = sharding.replicate(models.unet_params, mesh)
   latents, _ = denoise(params, noise, cond, state, jnp.float32(options.guidance), hook_args,
                        unet_config=models.unet_config, scheduler=sched, layout=layout, dtype=dtype, hooks=hooks)
@@ -216,11 +223,15 @@ def generate(models: DiffusionModels, jobs: Sequence[Job], options: GenerationOp
              init_latents: np.ndarray | None = None, batch_size: int | None = None, mesh=None,
              progress: bool = True, extra_metadata: dict[str, Any] | None = None,
              adapter: ip_adapter.IPAdapter | None = None,
-             records: dict[str, dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
+             records: dict[str, dict] | None = None,
+             batch_hooks: Callable[[Sequence[Job]], tuple[tuple, dict]] | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
   """Generates every job (batched, data-parallel), writing PNGs to `out_dir` if given.
 
   `init_latents` [N, h, w, C] replaces the seeded noise (NHWC). With `adapter`,
   jobs with a `reference` are conditioned on it through the IP-Adapter.
+  `batch_hooks(jobs)` gives each batch's extra (hooks, hook inputs) for
+  `run_batch` (e.g. RAG-Turbo's H-space injection of what each job retrieved).
   `records` ({id: record}) are written as `{id}.json` after each job's PNG.
   Returns (latents, uint8 images).
   """
@@ -249,7 +260,8 @@ def generate(models: DiffusionModels, jobs: Sequence[Job], options: GenerationOp
       scales = [adapter.default_scale if j.ip_scale is None else j.ip_scale for j in chunk]
     batch = Batch([j.prompt for j in chunk], [j.negative_prompt for j in chunk], np.asarray(noise), refs, scales,
                   step_keys([(j.seed, j.index) for j in chunk]))
-    latents, images = run_batch(models, batch, options, mesh, adapter)
+    hooks, hook_inputs = batch_hooks(chunk) if batch_hooks else ((), None)
+    latents, images = run_batch(models, batch, options, mesh, adapter, hooks, hook_inputs)
     images = image_io.to_uint8(images)
     if out is not None and sharding.is_writer():
       for j, img in zip(chunk, images):
