@@ -403,9 +403,9 @@ class UNet(nn.Module):
     H-space hook. "decoder": x is the H-space map and `skips` the encoder's skip connections; returns eps."""
     cfg, dt = self.config, self.dtype
 
-    def keep(name, value):
+    def keep(name, value):  # sown as "block:NAME" ("mid_block" alone would clash with the submodule's scope)
       if name in capture:
-        self.sow("intermediates", name, value)
+        self.sow("intermediates", _BLOCK + name, value)
 
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (b,))
@@ -449,6 +449,9 @@ class UNet(nn.Module):
     return layers.conv(cfg.out_channels, 3, dtype=dt, name="conv_out")(h)
 
 
+_BLOCK = "block:"
+
+
 def _flatten_intermediates(tree) -> dict[str, jax.Array]:
   out = {}
 
@@ -457,7 +460,7 @@ def _flatten_intermediates(tree) -> dict[str, jax.Array]:
       if isinstance(val, dict):
         walk(val)
       else:  # sow stores a tuple of values
-        out[key] = val[-1]
+        out[key.removeprefix(_BLOCK)] = val[-1]
 
   walk(tree)
   return out
@@ -485,6 +488,19 @@ def encode(params, x, t, cond: UNetCond, *, config: UNetConfig, hooks: Sequence 
   down and mid blocks as in `apply`. The decoder never runs."""
   model = UNet(config, dtype, implementation)
   return model.apply({"params": params}, x, t, cond, tuple(hooks), hook_args, (), "encoder")
+
+
+def encoder_features(params, x, t, cond: UNetCond, names: Sequence[str], *, config: UNetConfig,
+                     dtype=jnp.float32, implementation: str | None = None) -> dict[str, jax.Array]:
+  """The outputs of encoder blocks ("down_blocks.N", "mid_block") by name; the decoder never runs."""
+  model = UNet(config, dtype, implementation)
+  _, state = model.apply({"params": params}, x, t, cond, (), None, tuple(names), "encoder", mutable=["intermediates"])
+  found = _flatten_intermediates(state.get("intermediates", {}))
+  missing = [n for n in names if n not in found]
+  if missing:
+    raise ValueError(f"encoder features {missing}: expected names among "
+                     f"{[f'down_blocks.{i}' for i in range(config.num_blocks)] + ['mid_block']}")
+  return {n: found[n] for n in names}
 
 
 def decode(params, h, skips, t, cond: UNetCond, *, config: UNetConfig, hooks: Sequence = (), hook_args=None,

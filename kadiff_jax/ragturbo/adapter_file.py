@@ -22,18 +22,24 @@ from kadiff_jax.weights import convert
 
 log = logging.getLogger("kadiff_jax")
 FORMAT = "kadiff-hspace-adapter"
+LORA_PREFIX, LORA_SEP = "lora::", "::"  # LoRA tensors: lora::{kernel param path}::a|b
 
 
 class AdapterFileError(ValueError):
   """An adapter file is missing, damaged, or made for another UNet."""
 
 
-def save(path: str | os.PathLike, params, config: hspace_adapter.HSpaceAdapterConfig, model: dict) -> Path:
-  """Writes the adapter atomically (a sibling temporary file renamed into place)."""
+def save(path: str | os.PathLike, params, config: hspace_adapter.HSpaceAdapterConfig, model: dict,
+         lora: dict | None = None) -> Path:
+  """Writes the adapter (and the student decoder's LoRA, if any) atomically: a sibling temporary file renamed into
+  place."""
   from safetensors.numpy import save_file
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   state = {k: np.asarray(v, np.float32) for k, v in convert.params_to_torch(jax.device_get(params)).items()}
+  for kernel, ab in (lora or {}).items():
+    for part in ("a", "b"):
+      state[f"{LORA_PREFIX}{kernel}{LORA_SEP}{part}"] = np.asarray(ab[part], np.float32)
   meta = {"format": FORMAT, "config": json.dumps(config.to_json()), "model": json.dumps(model)}
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   save_file(state, str(tmp), metadata=meta)
@@ -42,8 +48,9 @@ def save(path: str | os.PathLike, params, config: hspace_adapter.HSpaceAdapterCo
 
 
 def load(path: str | os.PathLike, unet_config, model: dict | None = None):
-  """(params, config) of an adapter file, checked against the UNet it will run in (`model`: the identity of the
-  loaded model; another one is allowed with a warning, as a fine-tune of the same student may be)."""
+  """(params, config, lora) of an adapter file, checked against the UNet it will run in (`model`: the identity of
+  the loaded model; another one is allowed with a warning, as a fine-tune of the same student may be). `lora` maps
+  kernel paths to {"a", "b"} ({} when the file has none)."""
   from safetensors import SafetensorError, safe_open
   path = Path(path)
   if not path.is_file():
@@ -67,6 +74,12 @@ def load(path: str | os.PathLike, unet_config, model: dict | None = None):
   if config.channels != want.channels:
     raise AdapterFileError(f"{path}: an adapter for {config.channels}-channel H-space maps; this UNet's mid block "
                            f"has {want.channels}")
+  lora = {}
+  for key in [k for k in state if k.startswith(LORA_PREFIX)]:
+    kernel, _, part = key[len(LORA_PREFIX):].rpartition(LORA_SEP)
+    lora.setdefault(kernel, {})[part] = state.pop(key)
+  if any(set(ab) != {"a", "b"} for ab in lora.values()):
+    raise AdapterFileError(f"{path}: a LoRA kernel without both its a and b tensors")
   shapes = jax.eval_shape(lambda k: hspace_adapter.init_params(config, k), jax.random.PRNGKey(0))
   try:
     params = convert.torch_to_params(state, shapes, component=f"H-space adapter ({path})")
@@ -76,4 +89,4 @@ def load(path: str | os.PathLike, unet_config, model: dict | None = None):
     log.warning("H-space adapter %s was trained with %s (fingerprint %s); the loaded model %s has fingerprint %s",
                 path, trained_with.get("source"), trained_with.get("fingerprint"), model.get("source"),
                 model.get("fingerprint"))
-  return params, config
+  return params, config, lora

@@ -16,9 +16,13 @@ def _models(args):
   return config.build(ModelOptions, args).load()
 
 
-def _entries(args):
+def _read_corpus(path: str, skip_invalid: bool):
   from retrieval.cli import _read_entries
-  return _read_entries(args.corpus, args.skip_invalid)
+  return _read_entries(path, skip_invalid)
+
+
+def _entries(args):
+  return _read_corpus(args.corpus, args.skip_invalid)
 
 
 def _build(args) -> None:
@@ -116,6 +120,34 @@ def generate_rag_turbo(args) -> None:
   print(done_line(args.out, len(todo), resume.done, resume.redo))
 
 
+def _train(args) -> None:
+  from kadiff_jax.ragturbo import train
+  from kadiff_jax.ragturbo.database import HSpaceDatabase
+  from kadiff_jax.weights.models import load_models
+  from kadiff_jax.weights.options import ModelOptions
+  options = config.build(train.TrainOptions, args)  # bad options fail before any model loads
+  prompts = train.read_prompts(args.prompts) if args.prompts else []
+  real = _read_corpus(args.images, args.skip_invalid) if args.images else []
+  if not prompts and not real:
+    raise UsageError("give --prompts FILE (teacher generations) and/or --images CORPUS (real image-caption pairs)")
+  model_opts = config.build(ModelOptions, args)
+  student = model_opts.load()
+  log.info("loading the teacher %s", args.teacher)
+  teacher = load_models(args.teacher, dtype=_dtype(student), cache_dir=model_opts.cache_path)
+  db = HSpaceDatabase.load(args.database, student)
+  cli_args.write_config(args.out, args, model=model_opts, train=options)
+  result = train.train(student, teacher, db, args.out, options, prompts=prompts, real_entries=real,
+                       latent_lpips=args.latent_lpips)
+  last = result["losses"]
+  shown = ", ".join(f"{k} {last[k]}" for k in ("loss_g", "distill", "loss_d") if k in last)
+  print(f"trained to step {result['step']}: {result['adapter']} ({shown})")
+
+
+def _dtype(models):
+  import jax
+  return jax.tree_util.tree_leaves(models.unet_params)[0].dtype
+
+
 def add_parsers(sub) -> None:
   from kadiff_jax.ragturbo.database import CACHES
   from kadiff_jax.ragturbo.text_key import TEXT_KEYS
@@ -158,3 +190,21 @@ def add_parsers(sub) -> None:
   q.add_argument("--json", action="store_true")
   q.add_argument("--no-verify", action="store_true", help="skip the checksum check of the database files")
   cli_args.leaf(q, ("hspace", "query"), _query)
+
+  from kadiff_jax.ragturbo.train import TrainOptions
+  t = sub.add_parser("train", help="train models of the methods here")
+  ts = t.add_subparsers(dest="train_command", required=True)
+  a = ts.add_parser("hspace-adapter", help="train RAG-Turbo's H-space adapter with decoder LoRA against a "
+                    "teacher-encoder discriminator (HSPACE_SPEC §6); resumes the run in --out")
+  a.add_argument("--teacher", required=True, help="the teacher pipeline (SD2.1-base for SD-Turbo; 'tiny-sd21')")
+  a.add_argument("--database", required=True, help="H-space database of the student (`kadiff hspace build`)")
+  a.add_argument("--prompts", default=None, help="text file, one prompt a line: the teacher's synthetic pairs")
+  a.add_argument("--images", default=None, help="a corpus of real image-caption pairs (any `kadiff retrieve build` "
+                 "corpus)")
+  a.add_argument("--skip-invalid", action="store_true", help="leave out corpus entries without image or title")
+  a.add_argument("--latent-lpips", default=None, help="E-LatentLPIPS weights (not bundled; without them the "
+                 "latent LPIPS term is off)")
+  a.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, losses.png, adapter.safetensors")
+  add_common_model(a)
+  config.add_options(a, TrainOptions, group="training")
+  cli_args.leaf(a, ("train", "hspace-adapter"), _train)

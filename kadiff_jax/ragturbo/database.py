@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Sequence

@@ -26,6 +26,7 @@ from kadiff_jax.models import hspace_adapter
 from kadiff_jax.models.attention import HookInputs
 from kadiff_jax.pipelines import text_to_image as t2i
 from kadiff_jax.ragturbo import adapter_file
+from kadiff_jax.ragturbo import lora as lora_lib
 from kadiff_jax.ragturbo.database import HSpaceDatabase, model_identity
 from kadiff_jax.ragturbo.injection import SLERP_AXES, AdapterInjection, Retrieved, SlerpInjection
 from kadiff_jax.ragturbo.text_key import ModelTextKey
@@ -72,6 +73,13 @@ class Injection:
   params: Any = None
   source: str = "slerp"
   sha256: str | None = None
+  lora: dict | None = None  # the student decoder's LoRA trained with the adapter (folded into the UNet)
+
+  def student(self, models: DiffusionModels) -> DiffusionModels:
+    """`models` with this injection's LoRA folded into its UNet (itself when there is none)."""
+    if not self.lora:
+      return models
+    return dataclasses.replace(models, unet_params=lora_lib.merge(models.unet_params, self.lora))
 
   @classmethod
   def load(cls, options: RagTurboOptions, models: DiffusionModels) -> "Injection":
@@ -81,10 +89,10 @@ class Injection:
     if src == "init":
       config = hspace_adapter.HSpaceAdapterConfig.for_unet(models.unet_config)
       return cls(AdapterInjection(config), hspace_adapter.init_params(config, jax.random.PRNGKey(0)), "adapter:init")
-    params, config = adapter_file.load(src, models.unet_config, model_identity(models))
+    params, config, lora = adapter_file.load(src, models.unet_config, model_identity(models))
     with open(src, "rb") as f:
       digest = hashlib.sha256(f.read()).hexdigest()
-    return cls(AdapterInjection(config), params, f"adapter:{src}", digest)
+    return cls(AdapterInjection(config), params, f"adapter:{src}", digest, lora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +152,7 @@ def generate(models: DiffusionModels, jobs: Sequence[Job], options: t2i.Generati
   are retrieved here unless given (a caller that records them retrieves first)."""
   database.check_model(models)
   injection = injection or Injection.load(rag, models)
+  models = injection.student(models)
   if neighbours is None:
     found = retrieve(models, database, [j.prompt for j in jobs], rag.k)
     neighbours = {j.id: row for j, row in zip(jobs, found)}
