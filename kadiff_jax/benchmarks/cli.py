@@ -1,4 +1,4 @@
-"""`kadiff benchmark unet|correspondence|pipeline|index|interpolation`: timings against the reference, JSON
+"""`kadiff benchmark unet|correspondence|pipeline|index|interpolation|rag-turbo`: timings against the reference, JSON
 on the last line."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from kadiff_jax import cli_args
 
 
 def _benchmark(args) -> None:
-  importlib.import_module(f"kadiff_jax.benchmarks.{args.what}").main(args)
+  importlib.import_module(f"kadiff_jax.benchmarks.{args.what.replace('-', '_')}").main(args)
 
 
 def add_parsers(sub) -> None:
@@ -54,5 +54,14 @@ def add_parsers(sub) -> None:
   bn.add_argument("--steps", type=int, default=10)
   bn.add_argument("--size", type=int, default=None, help="image side (default: the config's)")
   bn.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+  br = bsub.add_parser("rag-turbo", help="one-step latency per image by phase (retrieval, encoder, adapter, decoder, "
+                       "VAE decode) with and without retrieval, on an SD-Turbo-shaped config with random weights")
+  br.add_argument("--config", default="tiny", choices=["tiny", "mid", "sd21"])
+  br.add_argument("--batch", type=int, default=1)
+  br.add_argument("-k", type=int, default=1, help="retrieved neighbours")
+  br.add_argument("--db-size", type=int, default=10_000, help="entries in the random exact index")
+  br.add_argument("--hspace", choices=["adapter", "slerp"], default="adapter")
+  br.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+  br.add_argument("--iters", type=int, default=10)
   for name, p in bsub.choices.items():
     cli_args.leaf(p, ("benchmark", name), _benchmark)

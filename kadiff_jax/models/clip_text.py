@@ -68,6 +68,12 @@ def clip_vit_l() -> CLIPTextConfig:
   return CLIPTextConfig()
 
 
+def open_clip_h() -> CLIPTextConfig:
+  """OpenCLIP ViT-H/14 text tower as SD2.x ships it (`text_encoder`, 23 layers: the penultimate of OpenCLIP's 24)."""
+  return CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                        hidden_act="gelu")
+
+
 def open_clip_big_g() -> CLIPTextConfig:
   """OpenCLIP ViT-bigG/14 text tower with projection (SDXL `text_encoder_2`)."""
   return CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,

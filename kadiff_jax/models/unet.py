@@ -182,6 +182,13 @@ def sd15() -> UNetConfig:
       addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
 
 
+def sd21_base() -> UNetConfig:
+  """stabilityai/stable-diffusion-2-1-base and stabilityai/sd-turbo: SD1.5's blocks with OpenCLIP-H's 1024-wide text,
+  linear projections and 5/10/20/20 heads (diffusers' attention_head_dim)."""
+  return dataclasses.replace(sd15(), attention_heads=(5, 10, 20, 20), cross_attention_dim=(1024,) * 4,
+                             use_linear_projection=True)
+
+
 def tiny_sdxl() -> UNetConfig:
   """A tiny SDXL-shaped UNet (same block types and conditioning) for tests."""
   return UNetConfig(
