@@ -100,3 +100,18 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "slow" in item.keywords:
       item.add_marker(skip)
+
+
+def torchvision_standin(**models) -> None:
+  """torchvision's PyPI build does not load beside this CPU torch; the lpips and elatentlpips packages import it only
+  for a backbone's layer list. This installs (or extends) a stand-in `torchvision.models` whose named constructors
+  return objects with the `features` the test declares (the same layers as torchvision's)."""
+  import sys
+  import types
+  tv = sys.modules.get("torchvision")
+  if tv is None:
+    tv = types.ModuleType("torchvision")
+    tv.models = types.SimpleNamespace()
+    sys.modules["torchvision"], sys.modules["torchvision.models"] = tv, tv.models
+  for name, features in models.items():
+    setattr(tv.models, name, lambda features=features, **_: types.SimpleNamespace(features=features()))

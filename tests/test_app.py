@@ -38,12 +38,15 @@ def app(tiny_dir, tmp_path_factory):
   from kadiff_jax.weights.options import ModelOptions
   root = tmp_path_factory.mktemp("app")
   assert cli.main(["retrieve", "build", "--corpus", str(DREAMBOOTH), "--index", str(root / "idx")]) == 0
+  assert cli.main(["hspace", "build", "--model", str(tiny_dir), "--corpus", str(DREAMBOOTH), "--database",
+                   str(root / "hdb")]) == 0
   loads = []
   original = ModelOptions.load
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(ModelOptions, "load", lambda self: loads.append(1) or original(self))
     args = cli.build_parser().parse_args(["app", "--model", str(tiny_dir), "--index", str(root / "idx"),
-                                          "--out", str(root / "out"), "--port", str(free_port())])
+                                          "--database", str(root / "hdb"), "--out", str(root / "out"),
+                                          "--port", str(free_port())])
     page, service, url = app_cli.serve(args, block=False)
     try:
       yield {"url": url, "service": service, "loads": loads, "loaded_at_start": len(loads), "root": root}
@@ -222,6 +225,29 @@ def test_retrieval_with_reranking(app, tmp_path):
   for i, c in enumerate(s["candidates"]):
     assert ("re-rank" in candidate_label(i, c)) == bool(c["rerank"] and c["rerank"]["mean"] is not None)
   assert "re-ranked by `tiny`" in service.describe()
+
+
+def test_rag_turbo_tab(app, tmp_path):
+  """One-step RAG-Turbo (on the tiny SDXL: the H-space seam is every family's) equals the CLI, pixel for pixel."""
+  c = client(app, tmp_path)
+  plain, ours, gallery, text, _ = c.predict("a teddy bear with a party hat", 4, 2, 0.7, "slerp", 2,
+                                            api_name="/rag_turbo")
+  record = json.loads(text)
+  assert record["inputs"]["mode"] == "rag-turbo" and len(record["retrieved"]) == 2 and len(gallery) == 2
+  assert gallery[0]["caption"].startswith(record["retrieved"][0]["id"] + ": λ = ")
+  assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(ours)))
+  from kadiff_jax import cli
+  out = tmp_path / "cli"
+  assert cli.main(["generate", "--mode", "rag-turbo", "--model", str(app["service"].pipe.models.source),
+                   "--database", str(app["root"] / "hdb"), "--prompt", "a teddy bear with a party hat", "--seed", "4",
+                   "--k", "2", "--w", "0.7", "--steps", "2", "--out", str(out)]) == 0
+  assert np.array_equal(np.asarray(Image.open(out / "seed4_0000.png")), np.asarray(Image.open(ours)))
+  with pytest.raises(AppError, match="the prompt is empty"):
+    c.predict(" ", 0, 1, 0.8, "slerp", 1, api_name="/rag_turbo")
+  with pytest.raises(AppError, match="'adapter'.* not in the list of choices: \\['slerp'\\]"):  # none loaded
+    c.predict("a cat", 0, 1, 0.8, "adapter", 1, api_name="/rag_turbo")
+  with pytest.raises(ValueError, match="no H-space adapter is loaded"):  # the service says so too
+    app["service"].rag_turbo(None, "a cat", injection="adapter")
 
 
 def test_models_load_once(app, tmp_path):

@@ -9,13 +9,12 @@ module before importing lpips; everything LPIPS computes on top of the backbone 
 from __future__ import annotations
 
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import torchvision_standin
 from kadiff_jax.metrics import interpolation as metrics
 from kadiff_jax.metrics import lpips as jlpips
 
@@ -31,10 +30,7 @@ def _alexnet_features():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  if "torchvision" not in sys.modules:
-    tv = types.ModuleType("torchvision")
-    tv.models = types.SimpleNamespace(alexnet=lambda **_: types.SimpleNamespace(features=_alexnet_features()))
-    sys.modules["torchvision"], sys.modules["torchvision.models"] = tv, tv.models
+  torchvision_standin(alexnet=_alexnet_features)
   lpips = pytest.importorskip("lpips")
   torch.manual_seed(0)
   model = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False).eval()

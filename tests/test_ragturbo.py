@@ -255,6 +255,13 @@ def test_upsert_delete_and_query(models, db_dir, entries, tmp_path, capsys):
                  next(e.caption for e in entries if e.id == "candle")) == 0
   got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert got["neighbours"][0]["id"] == "candle"
+  queries = tmp_path / "q.jsonl"
+  kept = [e for e in entries if e.id != "can"]  # deleted above
+  queries.write_text("".join(json.dumps({"query": e.caption, "id": e.id}) + "\n" for e in kept))
+  assert _kadiff("hspace", "evaluate", "--model", models.source, "--database", folder, "--queries", queries,
+                 "-k", 2) == 0
+  got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert got["top1"] == 1.0 and got["queries"] == len(kept)  # an entry's own caption finds it
 
 
 def test_latent_cache_recomputes_the_same_h(models, db, entries):
@@ -264,3 +271,24 @@ def test_latent_cache_recomputes_the_same_h(models, db, entries):
   assert lat.features.shape == (2, SIZE // 8, SIZE // 8, 4)
   ids = [e.id for e in two]
   assert max_rel_err(lat.hspace(models, ids), db.hspace(models, ids)) < 1e-5
+
+
+def test_evaluate_scores_plain_and_slerp_with_clip(turbo_dir, db_dir, tmp_path, capsys):
+  from kadiff_jax.metrics.clip_score import CLIPScorer
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a teddy bear on a rock\na red backpack\n")
+  argv = ["evaluate", "rag-turbo", "--model", turbo_dir, "--database", db_dir, "--prompts", prompts, "--seeds", "0,1",
+          "--clip", "tiny", "--height", SIZE, "--width", SIZE, "--out", tmp_path / "ev"]
+  assert _kadiff(*argv) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  rows = (tmp_path / "ev" / "scores.csv").read_text().splitlines()
+  assert len(rows) == 1 + 2 * 2 * 2 and set(summary["clip"]) == {"sd-turbo", "slerp"}
+  # a score is the plain cosine of CLIP's image and prompt embeddings
+  clip = CLIPScorer("tiny")
+  first = rows[1].split(",")
+  img = tmp_path / "ev" / first[3] / "p0000_s0.png"
+  want = float((clip.image_embeds([img]) * clip.text_embeds([first[1]])).sum())
+  assert abs(float(first[4]) - want) < 1e-5
+  stamp = (tmp_path / "ev" / "slerp" / "p0000_s0.png").stat().st_mtime_ns
+  assert _kadiff(*argv) == 0  # resumes: nothing generated again
+  assert (tmp_path / "ev" / "slerp" / "p0000_s0.png").stat().st_mtime_ns == stamp

@@ -87,6 +87,25 @@ def test_untrained_lora_is_the_identity_and_targets_the_decoder(teacher_dir):
   np.testing.assert_allclose(np.asarray(new), np.asarray(base) + np.asarray(a @ b), rtol=1e-5, atol=1e-6)
 
 
+def _random_latent_lpips(path):
+  """Random E-LatentLPIPS weights in the release's state-dict names (safetensors)."""
+  from safetensors.numpy import save_file
+  from kadiff_jax.metrics import latent_lpips
+  rng = np.random.default_rng(0)
+  state, cin = {}, 4
+  for i, cout in latent_lpips.CONVS:
+    n = next(k for k, (lo, hi) in enumerate(latent_lpips.SLICES, 1) if lo <= i <= hi)
+    state[f"net.slice{n}.{i}.weight"] = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32) / np.sqrt(9 * cin)
+    state[f"net.slice{n}.{i}.bias"] = np.zeros(cout, np.float32)
+    for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+      state[f"net.slice{n}.{i + 1}.{name}"] = np.full(cout, value, np.float32)
+    cin = cout
+  for k, c in enumerate(latent_lpips.CHANNELS):
+    state[f"lin{k}.model.1.weight"] = rng.random((1, c, 1, 1)).astype(np.float32)
+  save_file(state, str(path))
+  return path
+
+
 def _kadiff(*argv):
   return cli.main([str(a) for a in argv])
 
@@ -98,11 +117,12 @@ def test_train_from_the_cli_resumes_exactly_and_refuses_other_runs(teacher_dir, 
   entries = [e for e in dreambooth_corpus(SHARED) if e.id in ("backpack", "bear_plushie", "candle", "dog2")]
   db_dir = tmp_path / "db"
   database.HSpaceDatabase.build(entries, student, size=SIZE).save(db_dir)
+  lpips_file = _random_latent_lpips(tmp_path / "elpips.safetensors")
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a teddy bear on a rock\na red backpack\na candle in a jar\n")
   common = ["train", "hspace-adapter", "--model", student_dir, "--teacher", teacher_dir, "--database", db_dir,
             "--prompts", prompts, "--images", SHARED, "--teacher-steps", 2, "--size", SIZE, "--batch-size", 2,
-            "--lora-rank", 4, "--lr", 1e-3, "--checkpoint-every", 2, "--keep", 2]
+            "--lora-rank", 4, "--lr", 1e-3, "--checkpoint-every", 2, "--keep", 2, "--latent-lpips", lpips_file]
   # 2N steps in one go
   assert _kadiff(*common, "--steps", 6, "--out", tmp_path / "a") == 0
   # N steps, killed (the API's stop_after stands in for the kill), then resumed from the CLI to 2N
@@ -112,7 +132,7 @@ def test_train_from_the_cli_resumes_exactly_and_refuses_other_runs(teacher_dir, 
                             teacher_steps=2)
   real = dreambooth_corpus(SHARED)
   train.train(student, teacher, db, tmp_path / "b", opts, prompts=train.read_prompts(prompts), real_entries=real,
-              progress=False, stop_after=3)
+              latent_lpips=str(lpips_file), progress=False, stop_after=3)
   assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["2", "3"]
   assert _kadiff(*common, "--steps", 6, "--out", tmp_path / "b") == 0
   pa, _, la = adapter_file.load(tmp_path / "a" / "adapter.safetensors", student.unet_config)
@@ -123,6 +143,8 @@ def test_train_from_the_cli_resumes_exactly_and_refuses_other_runs(teacher_dir, 
   assert any(np.abs(v["b"]).max() > 0 for v in fresh.values())  # the LoRA trained
   rows = (tmp_path / "b" / "log.csv").read_text().splitlines()
   assert [r.split(",")[0] for r in rows] == ["step", "1", "2", "3", "4", "5", "6"]
+  header = rows[0].split(",")
+  assert all(float(r.split(",")[header.index("lpips")]) > 0 for r in rows[1:])  # the latent LPIPS term is on
   assert len(list((tmp_path / "a" / "checkpoints").iterdir())) == 2  # keep 2
   assert (tmp_path / "a" / "losses.png").stat().st_size > 1000
   # the trained adapter generates (its LoRA folded into the student)
@@ -151,3 +173,57 @@ def test_train_from_the_cli_resumes_exactly_and_refuses_other_runs(teacher_dir, 
   fails(*common, "--steps", 8, "--out", tmp_path / "a", says="cannot be restored")
   shutil.rmtree(newest)  # the way out the message names: the run resumes from the checkpoint before
   assert _kadiff(*common, "--steps", 5, "--out", tmp_path / "a") == 0
+
+
+@pytest.mark.slow
+def test_four_devices_equal_one(teacher_dir, tmp_path):
+  """The database's features, RAG-Turbo images and two training steps, data-parallel over 4 CPU devices, equal one
+  device's up to float rounding."""
+  import os
+  import subprocess
+  import sys
+  import textwrap
+  student_dir = make_tiny_model(tmp_path / "tiny-sd-turbo", 0, "sd-turbo")
+  script = textwrap.dedent(f"""
+      import jax, numpy as np
+      from pathlib import Path
+      from kadiff_jax import sharding
+      from kadiff_jax.job import Job
+      from kadiff_jax.pipelines.text_to_image import GenerationOptions
+      from kadiff_jax.ragturbo import database, pipeline, train
+      from kadiff_jax.weights.models import load_models
+      from retrieval.dreambooth import dreambooth_corpus
+
+      def go(tag, mesh):
+        student, teacher = load_models({str(student_dir)!r}), load_models({str(teacher_dir)!r})
+        entries = [e for e in dreambooth_corpus({str(SHARED)!r})][:8]
+        db = database.HSpaceDatabase.build(entries, student, size={SIZE}, batch_size=8)
+        jobs = [Job.numbered(p, 0, i) for i, p in enumerate(["a bear", "a red bag", "a candle", "a dog"])]
+        lat, _, _ = pipeline.generate(student, jobs, GenerationOptions(height={SIZE}, width={SIZE}),
+                                      pipeline.RagTurboOptions(k=2, hspace="adapter:init", w=0.7), db,
+                                      progress=False, mesh=mesh)
+        lat2, _, _ = pipeline.generate(student, jobs, GenerationOptions(height={SIZE}, width={SIZE}),
+                                       pipeline.RagTurboOptions(k=2, w=0.7), db, progress=False, mesh=mesh)
+        opts = train.TrainOptions(steps=2, batch_size=4, lora_rank=2, lr=1e-3, size={SIZE}, teacher_steps=1)
+        out = train.train(student, teacher, db, Path({str(tmp_path)!r}) / tag, opts,
+                          prompts=["a bear", "a bag", "a candle", "a dog"], progress=False, mesh=mesh)
+        params = np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(
+            __import__("kadiff_jax.ragturbo.adapter_file", fromlist=["load"]).load(out["adapter"],
+                                                                             student.unet_config)[::2])])
+        np.savez(Path({str(tmp_path)!r}) / f"{{tag}}.npz", features=db.features, latents=lat2, params=params)
+
+      import sys
+      if sys.argv[1] == "4":
+        assert len(jax.devices()) == 4
+        go("four", sharding.data_mesh())
+      else:
+        go("one", sharding.data_mesh(jax.devices()[:1]))
+  """)
+  env4 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  for n, env in (("4", env4), ("1", dict(os.environ))):
+    res = subprocess.run([sys.executable, "-c", script, n], capture_output=True, text=True, env=env, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+  four, one = np.load(tmp_path / "four.npz"), np.load(tmp_path / "one.npz")
+  assert max_rel_err(four["features"], one["features"]) < 1e-5
+  assert max_rel_err(four["latents"], one["latents"]) < 1e-4
+  assert max_rel_err(four["params"], one["params"]) < 1e-3

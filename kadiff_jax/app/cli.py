@@ -26,7 +26,8 @@ def serve(args, *, block: bool = True):
   out_root = Path(args.out) if args.out else default_cache_dir() / "app"
   service = service_lib.AppService.load(config.build(ModelOptions, args), out_root, index=args.index,
                                         rerank=args.rerank, embedder=args.embedder, scoring=args.scoring,
-                                        min_score=args.min_score)
+                                        min_score=args.min_score, database=args.database,
+                                        hspace_adapter=args.hspace_adapter)
   page = ui.build(service)
   _, url, share_url = page.launch(server_name=args.host, server_port=args.port, share=args.share or None,
                                   allowed_paths=[str(out_root)], prevent_thread_lock=True, quiet=True,
@@ -48,8 +49,8 @@ def _app(args) -> None:
 
 def add_parsers(sub) -> None:
   from kadiff_jax.kadiff.run import MIN_SCORE
-  p = sub.add_parser("app", help="a local web page over KA-Diff, knowledge-augmented generation and attention "
-                     "interpolation (Gradio)")
+  p = sub.add_parser("app", help="a local web page over KA-Diff, knowledge-augmented generation, attention "
+                     "interpolation and RAG-Turbo (Gradio)")
   config.add_options(p, ModelOptions, group="model")
   p.add_argument("--index", default=None, help="retrieval index (kadiff retrieve build): adds the "
                  "knowledge-augmented generation tab")
@@ -57,6 +58,10 @@ def add_parsers(sub) -> None:
   p.add_argument("--scoring", choices=["logprob", "generate"], default="logprob")
   p.add_argument("--embedder", default=None, help="query embedder (default: the index's)")
   p.add_argument("--min-score", type=float, default=MIN_SCORE, help="best dense score below this is no match")
+  p.add_argument("--database", default=None, help="H-space database (kadiff hspace build) of this model: adds the "
+                 "RAG-Turbo tab")
+  p.add_argument("--hspace-adapter", default=None, help="a trained H-space adapter (kadiff train hspace-adapter) "
+                 "offered beside slerp in the RAG-Turbo tab")
   p.add_argument("--out", default=None, help="where each session's outputs go (default: $KADIFF_CACHE/app)")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 makes the page reachable from "
                  "other machines")

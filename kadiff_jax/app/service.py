@@ -69,11 +69,16 @@ class AppService:
   index: str | None = None
   rerank: str | None = None
   min_score: float | None = None
+  database: Any = None          # kadiff_jax.ragturbo.database.HSpaceDatabase, when one was given
+  database_path: str | None = None
+  hspace_adapter: str | None = None  # a trained H-space adapter file offered beside slerp
 
   @classmethod
   def load(cls, model_options, out_root, *, index: str | None = None, rerank: str | None = None,
-           embedder: str | None = None, scoring: str = "logprob", min_score: float | None = None) -> "AppService":
-    """Loads the pipeline, its IP-Adapter and (with `index`) the retriever, once for the app's lifetime."""
+           embedder: str | None = None, scoring: str = "logprob", min_score: float | None = None,
+           database: str | None = None, hspace_adapter: str | None = None) -> "AppService":
+    """Loads the pipeline, its IP-Adapter, (with `index`) the retriever and (with `database`) the H-space database,
+    once for the app's lifetime."""
     from kadiff_jax.pipeline import KADiffPipeline
     retriever = None
     if index:
@@ -83,7 +88,13 @@ class AppService:
                                           reranker=rerank_lib.MLLMReranker(rerank, scoring=scoring)
                                           if rerank else None)
     pipe = KADiffPipeline.from_options(model_options)
-    return cls(pipe, Path(out_root), retriever, index, rerank, min_score)
+    db = None
+    if database:
+      from kadiff_jax.ragturbo.database import HSpaceDatabase
+      db = HSpaceDatabase.load(database, pipe.models)
+    if hspace_adapter and not db:
+      raise ValueError("--hspace-adapter is used by the RAG-Turbo tab, which needs --database DIR")
+    return cls(pipe, Path(out_root), retriever, index, rerank, min_score, db, database, hspace_adapter)
 
   # -- what is loaded --------------------------------------------------------------------------------------------
 
@@ -99,6 +110,10 @@ class AppService:
                    + (f", re-ranked by `{self.rerank}`" if self.rerank else ""))
     else:
       lines.append("**Index** none (start with `--index DIR` for knowledge-augmented generation)")
+    if self.database is not None:
+      lines.append(f"**H-space database** `{self.database_path}` ({len(self.database)} entries, cache "
+                   f"{self.database.cache}, text key {self.database.text_key})"
+                   + (f", adapter `{self.hspace_adapter}`" if self.hspace_adapter else ""))
     lines.append(f"**Outputs** `{self.out_root}`")
     return "  \n".join(lines)
 
@@ -298,3 +313,41 @@ class AppService:
                          image_b="<uploaded>" if image_b is not None else None)
     out.write_text("interpolation.json", json.dumps(record, indent=1))
     return [folder / n for n in names], folder / "strip.png", folder / "interpolation.gif", record
+
+  # -- RAG-Turbo -------------------------------------------------------------------------------------------------
+
+  def rag_turbo(self, session: str | None, prompt: str, *, seed: int = 0, k: int = 1, w: float = 0.8,
+                injection: str = "slerp", steps: int | None = None) -> tuple[Path, Path, list[tuple[Path, str]], dict]:
+    """One-step generation with retrieved H-space features (`kadiff generate --mode rag-turbo`) and the plain
+    image from the same noise: (ours, plain, [(neighbour picture, caption)], record)."""
+    from kadiff_jax.job import Job, check_seed
+    from kadiff_jax.pipelines import text_to_image as t2i
+    from kadiff_jax.ragturbo import pipeline as rt
+    from retrieval.retriever import load_image
+    if self.database is None:
+      raise ValueError("no H-space database is loaded: start the app with --database DIR")
+    if not (prompt or "").strip():
+      raise ValueError("the prompt is empty: describe the image to generate")
+    if injection not in ("slerp", "adapter"):
+      raise ValueError(f"injection {injection!r}: expected slerp or adapter")
+    if injection == "adapter" and not self.hspace_adapter:
+      raise ValueError("no H-space adapter is loaded: start the app with --hspace-adapter FILE, or use slerp")
+    seed = check_seed(seed)
+    rag = rt.RagTurboOptions(k=int(k), w=float(w),
+                             hspace="slerp" if injection == "slerp" else f"adapter:{self.hspace_adapter}")
+    options = t2i.GenerationOptions(steps=steps)
+    models = self.pipe.models
+    folder = self.folder(session, "rag-turbo")
+    job = Job.numbered(prompt.strip(), seed, 0)
+    job = dataclasses.replace(job, id=JOB_ID)
+    _, neighbours = rt.write_jobs(models, [job], options, rag, self.database, folder, progress=False)
+    _, plain = t2i.generate(models, [job], options, progress=False)
+    image_io.write_png(folder / "plain.png", plain[0])
+    pictures = []
+    for i, n in enumerate(neighbours[job.id]):
+      entry = self.database.entries([n.id])[0]
+      path = folder / f"neighbour-{i}.png"
+      image_io.write_png(path, np.asarray(load_image(entry.image, cache_dir=self.pipe.reference_cache_dir())))
+      pictures.append((path, f"{n.id}: λ = {n.score:.3f}, {n.caption}"))
+    record = json.loads((folder / f"{JOB_ID}.json").read_text())
+    return folder / f"{JOB_ID}.png", folder / "plain.png", pictures, record

@@ -1,7 +1,8 @@
 """The page of `kadiff app` (Gradio): one tab per method that is loaded, each a thin layer over `AppService`.
 
 Tabs: knowledge-augmented generation (with an index), KA-Diff from your own
-reference, attention interpolation. Every button is also an API endpoint
+reference, attention interpolation, one-step RAG-Turbo (with an H-space
+database). Every button is also an API endpoint
 (`api_name`), which is how the tests drive the page with `gradio_client`.
 Errors become a message in the page (`gr.Error`), never a dead page; the
 queue runs one request at a time, so two users never share a folder or race
@@ -268,6 +269,43 @@ def _interpolation_tab(service: AppService) -> None:
              [gallery, strip, gif, record, record_file], api_name="interpolate")
 
 
+def _rag_turbo_tab(service: AppService) -> None:
+  with gr.Tab("RAG-Turbo (one step)", id="rag-turbo"):
+    gr.Markdown("One-step generation with the retrieved entry's H-space features blended into the UNet's "
+                "(ImageRAGTurbo): the prompt finds its neighbours in the H-space database by the model's own text "
+                "encoder; slerp is training-free (w weights the prompt's own map; 1 = no injection).")
+    with gr.Row():
+      prompt = gr.Textbox(label="prompt", placeholder="a boat on the water with a lighthouse", elem_id="rt-prompt")
+      seed = gr.Number(0, label="seed", precision=0)
+    with gr.Row():
+      k = gr.Slider(1, min(8, len(service.database)), value=1, step=1, label="neighbours (k)")
+      w = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="w (slerp)")
+      injection = gr.Radio(["slerp"] + (["adapter"] if service.hspace_adapter else []), value="slerp",
+                           label="injection")
+      steps = gr.Number(None, label="steps (default: the model's)", precision=0)
+    go = gr.Button("Generate", variant="primary", elem_id="rt-go")
+    with gr.Row():
+      plain = gr.Image(label="plain (same noise, no retrieval)", elem_classes="kadiff-out")
+      ours = gr.Image(label="RAG-Turbo", elem_id="rt-ours", elem_classes="kadiff-out")
+    neighbours = gr.Gallery(label="retrieved (λ: text-key cosine)", columns=4, object_fit="contain")
+    with gr.Accordion("record", open=False):
+      record = gr.Code(label="image.json", language="json")
+      record_file = gr.File(label="image.json")
+
+    @page_errors
+    def do_generate(prompt_text, seed_value, k_value, w_value, injection_name, steps_value, request: gr.Request,
+                    progress=gr.Progress(track_tqdm=True)):
+      progress(0, desc="retrieving and generating")
+      ours_path, plain_path, pictures, rec = service.rag_turbo(
+          _session(request), prompt_text, seed=_number(seed_value, "seed") or 0, k=int(k_value), w=float(w_value),
+          injection=injection_name, steps=_number(steps_value, "steps"))
+      return (str(plain_path), str(ours_path), [(str(p), c) for p, c in pictures], as_json(rec),
+              str(ours_path.with_suffix(".json")))
+
+    go.click(do_generate, [prompt, seed, k, w, injection, steps], [plain, ours, neighbours, record, record_file],
+             api_name="rag_turbo")
+
+
 def build(service: AppService) -> gr.Blocks:
   """The page: what is loaded, then one tab per method that can run with it."""
   with gr.Blocks(title="kadiff app") as page:
@@ -278,5 +316,7 @@ def build(service: AppService) -> gr.Blocks:
         _knowledge_tab(service)
       _reference_tab(service)
       _interpolation_tab(service)
+      if service.database is not None:
+        _rag_turbo_tab(service)
   page.queue(default_concurrency_limit=1)
   return page

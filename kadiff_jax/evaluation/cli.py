@@ -95,6 +95,33 @@ def _evaluate_interpolation(args) -> None:
   print(json.dumps({"pairs": len(pairs), "rows": len(rows), **paths}))
 
 
+def _evaluate_rag_turbo(args) -> None:
+  from kadiff_jax.evaluation import rag_turbo as ev
+  from kadiff_jax.metrics.clip_score import DEFAULT_CLIP, CLIPScorer
+  from kadiff_jax.pipelines.text_to_image import GenerationOptions
+  from kadiff_jax.progress import step
+  from kadiff_jax.ragturbo.database import HSpaceDatabase
+  from kadiff_jax.ragturbo.pipeline import RagTurboOptions
+  from kadiff_jax.ragturbo.train import read_prompts
+  prompts = read_prompts(args.prompts)
+  seeds = _csv_list(args.seeds, "seeds", int)
+  options = config.build(GenerationOptions, args)
+  rag = config.build(RagTurboOptions, args)
+  model_opts = config.build(ModelOptions, args)
+  args.clip = args.clip or ("tiny" if model_opts.model.startswith("tiny") else DEFAULT_CLIP)
+  with step("loading CLIP %s", args.clip):
+    clip = CLIPScorer(args.clip)
+  models = model_opts.load()
+  db = HSpaceDatabase.load(args.database, models)
+  db.check_k(rag.k)
+  cli_args.write_config(args.out, args, model=model_opts, generation=options, rag_turbo=rag)
+  rows = ev.run(models, db, prompts, seeds, options, rag, args.out, clip=clip, adapter=args.hspace_adapter,
+                overwrite=args.overwrite)
+  summary = ev.write_reports(rows, args.out, clip_name=args.clip)
+  print((Path(args.out) / "summary.md").read_text(), end="")
+  print(json.dumps({"prompts": len(prompts), "seeds": seeds, "clip": summary}))
+
+
 def add_parsers(sub) -> None:
   from kadiff_jax.pipelines.cli import add_common, add_overwrite_arg
   ev = sub.add_parser("evaluate", help="evaluation runners (CSV, Markdown table, chart)")
@@ -140,3 +167,21 @@ def add_parsers(sub) -> None:
   config.add_options(ei, InterpolationOptions, group="interpolation")
   add_overwrite_arg(ei)
   cli_args.leaf(ei, ("evaluate", "interpolation"), _evaluate_interpolation)
+
+  from kadiff_jax.pipelines.text_to_image import GenerationOptions
+  from kadiff_jax.ragturbo.pipeline import RagTurboOptions
+  er = evsub.add_parser("rag-turbo", help="CLIP score of one-step generations over a prompt file: plain, slerp "
+                        "injection and (with --hspace-adapter) the trained adapter")
+  er.add_argument("--database", required=True, help="H-space database of the model (`kadiff hspace build`)")
+  er.add_argument("--prompts", required=True, help="text file, one prompt a line")
+  er.add_argument("--seeds", default="0", help="comma-separated seeds")
+  er.add_argument("--hspace-adapter", default=None, help="a trained adapter file: adds the 'adapter' method")
+  er.add_argument("--clip", default=None, help="CLIPModel folder or Hub id (the paper: OpenCLIP ViT-bigG-14; "
+                  "default openai/clip-vit-base-patch32, or 'tiny' with a tiny model)")
+  er.add_argument("--out", required=True, help="folder for images, records, scores.csv, summary.md/json")
+  cli_args.add_config_arg(er)
+  config.add_options(er, ModelOptions, group="model")
+  config.add_options(er, GenerationOptions, group="generation")
+  config.add_options(er, RagTurboOptions, group="RAG-Turbo", exclude=("hspace",))
+  add_overwrite_arg(er)
+  cli_args.leaf(er, ("evaluate", "rag-turbo"), _evaluate_rag_turbo)

@@ -73,11 +73,23 @@ def _query(args) -> None:
     print(f"{rank}. {n.id}  λ={n.score:.4f}  {n.caption}")
 
 
+def _evaluate(args) -> None:
+  """Top-1 / top-k accuracy of the database's search on {query, id} pairs; JSON on the last line."""
+  from kadiff_jax.ragturbo import pipeline
+  from retrieval.cli import _read_queries
+  queries = _read_queries(args.queries)
+  models = _models(args)
+  db = _open(args, models)
+  found = pipeline.retrieve(models, db, [q["query"] for q in queries], args.k)
+  top1 = sum(row[0].id == q["id"] for row, q in zip(found, queries)) / len(queries)
+  topk = sum(any(n.id == q["id"] for n in row) for row, q in zip(found, queries)) / len(queries)
+  print(json.dumps({"queries": len(queries), "k": args.k, "top1": round(top1, 4), f"top{args.k}": round(topk, 4),
+                    "entries": len(db), "text_key": db.text_key}))
+
+
 def generate_rag_turbo(args) -> None:
   """`kadiff generate --mode rag-turbo --database DIR`: one-step generation with retrieved H-space features."""
-  from kadiff_jax import records
   from kadiff_jax.job import Job
-  from kadiff_jax.outputs import OutputDir
   from kadiff_jax.pipelines.cli import done_line
   from kadiff_jax.pipelines.text_to_image import GenerationOptions
   from kadiff_jax.ragturbo import pipeline
@@ -97,27 +109,16 @@ def generate_rag_turbo(args) -> None:
   init = cli_args.read_init_latents(args.init_latents, args.num_images)
   models = model_opts.load()
   db = HSpaceDatabase.load(args.database, models)
+  db.check_k(rag.k)
   injection = pipeline.Injection.load(rag, models)
   jobs = [Job.numbered(args.prompt, args.seed, i, negative_prompt=args.negative_prompt)
           for i in range(args.num_images)]
-  found = pipeline.retrieve(models, db, [j.prompt for j in jobs], rag.k)
-  neighbours = {j.id: row for j, row in zip(jobs, found)}
-  inputs = [pipeline.job_inputs(j, models, opts, rag, injection, db, neighbours[j.id],
-                                None if init is None else init[i]) for i, j in enumerate(jobs)]
-  resume = records.plan_resume(OutputDir(args.out), [j.id for j in jobs], inputs, overwrite=args.overwrite)
+  cli_args.write_config(args.out, args, model=model_opts, generation=opts, rag_turbo=rag)
+  resume, _ = pipeline.write_jobs(models, jobs, opts, rag, db, args.out, injection=injection, init_latents=init,
+                                  batch_size=args.batch_size, overwrite=args.overwrite)
   if resume.done or resume.redo:
     log.info("%s: %s", args.out, resume.describe())
-  todo = [jobs[i] for i in resume.todo]
-  cli_args.write_config(args.out, args, model=model_opts, generation=opts, rag_turbo=rag)
-  if todo:
-    pipeline.generate(
-        models, todo, opts, rag, db, args.out, injection=injection, neighbours=neighbours,
-        init_latents=None if init is None else init[resume.todo], batch_size=args.batch_size,
-        records={j.id: records.record(j.id, inputs[i], prompt=j.prompt, seed=j.seed, index=j.index,
-                                      retrieved=[n.to_json() for n in neighbours[j.id]],
-                                      outputs={"image": f"{j.id}.png"})
-                 for i, j in zip(resume.todo, todo)})
-  print(done_line(args.out, len(todo), resume.done, resume.redo))
+  print(done_line(args.out, len(resume.todo), resume.done, resume.redo))
 
 
 def _train(args) -> None:
@@ -190,6 +191,12 @@ def add_parsers(sub) -> None:
   q.add_argument("--json", action="store_true")
   q.add_argument("--no-verify", action="store_true", help="skip the checksum check of the database files")
   cli_args.leaf(q, ("hspace", "query"), _query)
+  e = common(hs.add_parser("evaluate", help="top-1 / top-k accuracy on {query, id} pairs; JSON on the last line"),
+             False)
+  e.add_argument("--queries", default="dreambooth", help="JSONL of {query, id}, or 'dreambooth' (built-in set)")
+  e.add_argument("-k", type=int, default=5)
+  e.add_argument("--no-verify", action="store_true", help="skip the checksum check of the database files")
+  cli_args.leaf(e, ("hspace", "evaluate"), _evaluate)
 
   from kadiff_jax.ragturbo.train import TrainOptions
   t = sub.add_parser("train", help="train models of the methods here")
@@ -202,8 +209,8 @@ def add_parsers(sub) -> None:
   a.add_argument("--images", default=None, help="a corpus of real image-caption pairs (any `kadiff retrieve build` "
                  "corpus)")
   a.add_argument("--skip-invalid", action="store_true", help="leave out corpus entries without image or title")
-  a.add_argument("--latent-lpips", default=None, help="E-LatentLPIPS weights (not bundled; without them the "
-                 "latent LPIPS term is off)")
+  a.add_argument("--latent-lpips", default=None, help="E-LatentLPIPS weights: the elatentlpips release's "
+                 "sd21_latest_vgg16_tuned.pth (not bundled; without them the latent LPIPS term is off)")
   a.add_argument("--out", required=True, help="run folder: checkpoints, log.csv, losses.png, adapter.safetensors")
   add_common_model(a)
   config.add_options(a, TrainOptions, group="training")

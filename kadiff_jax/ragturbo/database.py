@@ -256,12 +256,16 @@ class HSpaceDatabase:
                           f"({have['family']}) has fingerprint {have['fingerprint']}: its text keys and H-space "
                           "differ. Build a database with this model (`kadiff hspace build`)")
 
-  def search(self, query_vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-    """Top-k (docid, cosine) per query vector."""
+  def check_k(self, k: int) -> None:
+    """Fails unless k neighbours can be found (an empty database, or k above its size)."""
     if len(self) == 0:
       raise DatabaseError("the H-space database is empty: add entries with `kadiff hspace upsert`")
     if k < 1 or k > len(self):
       raise DatabaseError(f"k={k}: expected 1 to {len(self)} (the database holds {len(self)} entries)")
+
+  def search(self, query_vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+    """Top-k (docid, cosine) per query vector."""
+    self.check_k(k)
     return self.index.search(np.asarray(query_vectors, np.float32), k)
 
   def hspace(self, models: DiffusionModels, docids: Sequence[str], mesh=None) -> np.ndarray:

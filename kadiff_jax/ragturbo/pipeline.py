@@ -161,3 +161,31 @@ def generate(models: DiffusionModels, jobs: Sequence[Job], options: t2i.Generati
       records=records, batch_hooks=batch_hooks(models, database, rag, injection, neighbours, mesh),
       extra_metadata={"mode": "rag-turbo", "injection": injection.source, "k": rag.k, "w": rag.w})
   return latents, images, neighbours
+
+
+def write_jobs(models: DiffusionModels, jobs: Sequence[Job], options: t2i.GenerationOptions, rag: RagTurboOptions,
+               database: HSpaceDatabase, out, *, injection: Injection | None = None,
+               init_latents: np.ndarray | None = None, batch_size: int | None = None, overwrite: bool = False,
+               progress: bool = True):
+  """`kadiff generate --mode rag-turbo`'s jobs into `out`: each `{id}.png` and its record `{id}.json` (inputs with
+  their fingerprint, the retrieved entries and λ); jobs already done with the same inputs are skipped. Returns
+  (the resume plan, neighbours by job id)."""
+  from kadiff_jax import records
+  from kadiff_jax.outputs import OutputDir
+  database.check_model(models)
+  injection = injection or Injection.load(rag, models)
+  found = retrieve(models, database, [j.prompt for j in jobs], rag.k)
+  neighbours = {j.id: row for j, row in zip(jobs, found)}
+  inputs = [job_inputs(j, models, options, rag, injection, database, neighbours[j.id],
+                       None if init_latents is None else init_latents[i]) for i, j in enumerate(jobs)]
+  resume = records.plan_resume(OutputDir(out), [j.id for j in jobs], inputs, overwrite=overwrite)
+  todo = [jobs[i] for i in resume.todo]
+  if todo:
+    generate(models, todo, options, rag, database, out, injection=injection, neighbours=neighbours,
+             init_latents=None if init_latents is None else init_latents[resume.todo], batch_size=batch_size,
+             progress=progress,
+             records={j.id: records.record(j.id, inputs[i], prompt=j.prompt, seed=j.seed, index=j.index,
+                                           retrieved=[n.to_json() for n in neighbours[j.id]],
+                                           outputs={"image": f"{j.id}.png"})
+                      for i, j in zip(resume.todo, todo)})
+  return resume, neighbours

@@ -13,8 +13,10 @@ and data-parallel (batch split over the mesh, everything else replicated):
 G and D alternate 1:1 within a step (G first on the current D, then D on the
 same ẑ_s without its gradient, so the student runs once). Both use AdamW
 (lr 1e-5, betas 0.9/0.999, weight decay 0.01) after global-norm clipping.
-The latent LPIPS term needs E-LatentLPIPS weights, which are not bundled:
-without them the term is off and the run says so.
+The latent LPIPS term (`metrics.latent_lpips`: the pair augmented alike, then
+E-LatentLPIPS) needs the release's weights, which are not bundled: given
+with --latent-lpips they are loaded; without them the term is off and the run
+says so.
 
 A run folder holds run.json (what the run is: models, configs, data, options;
 a resume with anything else is refused), data/ (prepared once), orbax
@@ -48,6 +50,7 @@ from kadiff_jax import image_io, schedulers, sharding
 from kadiff_jax.config import csv_tuple, option
 from kadiff_jax.job import Job
 from kadiff_jax.models import hspace_adapter, unet
+from kadiff_jax.metrics import latent_lpips as latent_lpips_lib
 from kadiff_jax.models.attention import HookInputs
 from kadiff_jax.pipelines import conditioning
 from kadiff_jax.pipelines import text_to_image as t2i
@@ -201,6 +204,7 @@ class Setup:
   adapter_config: hspace_adapter.HSpaceAdapterConfig
   options: TrainOptions
   prediction_type: str
+  latent_lpips: bool = False  # the E-LatentLPIPS term is on (its weights were given)
   dtype: Any = jnp.float32
 
 
@@ -232,10 +236,10 @@ def _smooth_l1(a, b):
 
 
 def train_step(state: dict, batch: dict, key: jax.Array, student_params, teacher_params, schedule: jax.Array,
-               *, setup: Setup) -> tuple[dict, dict]:
+               lpips_params=None, *, setup: Setup) -> tuple[dict, dict]:
   """One G update then one D update (see the module docstring); returns (state', losses)."""
   opts = setup.options
-  k1, k2, k3 = jax.random.split(key, 3)
+  k1, k2, k3, k4 = jax.random.split(key, 4)
   z0, b = batch["z0"], batch["z0"].shape[0]
   eps1 = jax.random.normal(k1, z0.shape)
   a1, s1 = jnp.sqrt(schedule[opts.t1]), jnp.sqrt(1.0 - schedule[opts.t1])
@@ -271,6 +275,8 @@ def train_step(state: dict, batch: dict, key: jax.Array, student_params, teacher
     adv = -sum(jnp.mean(v) for v in fake.values())
     distill = _smooth_l1(x0, z0)
     lp = jnp.zeros(())  # E-LatentLPIPS: off without its weights (module docstring)
+    if setup.latent_lpips:
+      lp = jnp.mean(latent_lpips_lib.distance(lpips_params, *latent_lpips_lib.augment(k4, x0, z0)))
     return adv + opts.distill_weight * distill + opts.lpips_weight * lp, (x0, adv, distill, lp)
 
   (lg, (x0, adv, distill, lp)), grads = jax.value_and_grad(g_loss, has_aux=True)(state["g"])
@@ -405,11 +411,14 @@ def train(student: DiffusionModels, teacher: DiffusionModels, database: HSpaceDa
   import orbax.checkpoint as ocp
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
+  lpips_params, lpips_sha = None, None
   if latent_lpips:
-    raise TrainError(f"--latent-lpips {latent_lpips}: E-LatentLPIPS weights are not supported yet; train without "
-                     "them (the term is then off)")
-  log.warning("latent LPIPS term off: E-LatentLPIPS weights are not bundled (Eq. 10 trains with the "
-              "adversarial and smooth-L1 terms)")
+    lpips_params = latent_lpips_lib.load(latent_lpips, student.unet_config.in_channels)
+    with open(latent_lpips, "rb") as f:
+      lpips_sha = hashlib.sha256(f.read()).hexdigest()[:16]
+  else:
+    log.warning("latent LPIPS term off: no E-LatentLPIPS weights given (--latent-lpips; they are not bundled), so "
+                "Eq. 10 trains with the adversarial and smooth-L1 terms only")
   database.check_model(student)
   if teacher.unet_config.cross_attention_dim[0] != student.text_config.hidden_size:
     raise TrainError(f"the teacher UNet reads {teacher.unet_config.cross_attention_dim[0]}-wide text states, the "
@@ -421,13 +430,14 @@ def train(student: DiffusionModels, teacher: DiffusionModels, database: HSpaceDa
     raise TrainError(f"batch_size={options.batch_size}: expected a multiple of the {mesh.size} devices")
   sched = schedulers.from_name("ddim", student.scheduler_config).config
   setup = Setup(student.unet_config, teacher.unet_config, hspace_adapter.HSpaceAdapterConfig.for_unet(
-      student.unet_config), options, sched.prediction_type)
+      student.unet_config), options, sched.prediction_type, lpips_params is not None)
   digest = hashlib.sha256(json.dumps({"prompts": list(prompts), "real": [e.id for e in real_entries],
                                       "database": database_digest(database),
                                       "teacher": model_identity(teacher)["fingerprint"],
                                       "opts": [options.teacher_steps, options.teacher_guidance, options.size,
                                                options.k, options.seed]}).encode()).hexdigest()[:16]
   identity = run_identity(student, teacher, setup, digest)
+  identity["options"]["latent_lpips"] = lpips_sha
   check_run(out, identity)
   _atomic_write(out / "run.json", json.dumps(identity, indent=1).encode())
   data_dir = out / f"data-{digest}"
@@ -451,6 +461,7 @@ def train(student: DiffusionModels, teacher: DiffusionModels, database: HSpaceDa
   state = jax.device_put(state, rep)
   student_params, teacher_params = (jax.device_put(p, rep) for p in (student.unet_params, teacher.unet_params))
   schedule = jax.device_put(jnp.asarray(sched.alphas_cumprod(), jnp.float32), rep)
+  lpips_params = None if lpips_params is None else jax.device_put(lpips_params, rep)
   step_fn = jitted_step(setup)
   arrays = {f: getattr(data, f) for f in TrainData.FIELDS}
   end = options.steps if stop_after is None else min(options.steps, start + stop_after)
@@ -459,7 +470,8 @@ def train(student: DiffusionModels, teacher: DiffusionModels, database: HSpaceDa
   for step in range(start, end):
     idx = batch_indices(options.seed, step, len(data), options.batch_size)
     batch = sharding.shard_batch({f: a[idx] for f, a in arrays.items()}, mesh)
-    state, losses = step_fn(state, batch, step_key(options.seed, step), student_params, teacher_params, schedule)
+    state, losses = step_fn(state, batch, step_key(options.seed, step), student_params, teacher_params, schedule,
+                            lpips_params)
     done += 1
     row = {"step": step + 1, **{k: f"{float(v):.6g}" for k, v in losses.items()},
            "steps_per_s": f"{done / (time.perf_counter() - t0):.4g}"}
