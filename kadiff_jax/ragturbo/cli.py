@@ -113,11 +113,14 @@ def generate_rag_turbo(args) -> None:
   injection = pipeline.Injection.load(rag, models)
   jobs = [Job.numbered(args.prompt, args.seed, i, negative_prompt=args.negative_prompt)
           for i in range(args.num_images)]
-  cli_args.write_config(args.out, args, model=model_opts, generation=opts, rag_turbo=rag)
+
+  def on_plan(plan):
+    if plan.done or plan.redo:
+      log.info("%s: %s", args.out, plan.describe())
+    cli_args.write_config(args.out, args, model=model_opts, generation=opts, rag_turbo=rag)
+
   resume, _ = pipeline.write_jobs(models, jobs, opts, rag, db, args.out, injection=injection, init_latents=init,
-                                  batch_size=args.batch_size, overwrite=args.overwrite)
-  if resume.done or resume.redo:
-    log.info("%s: %s", args.out, resume.describe())
+                                  batch_size=args.batch_size, overwrite=args.overwrite, on_plan=on_plan)
   print(done_line(args.out, len(resume.todo), resume.done, resume.redo))
 
 
@@ -136,9 +139,9 @@ def _train(args) -> None:
   log.info("loading the teacher %s", args.teacher)
   teacher = load_models(args.teacher, dtype=_dtype(student), cache_dir=model_opts.cache_path)
   db = HSpaceDatabase.load(args.database, student)
-  cli_args.write_config(args.out, args, model=model_opts, train=options)
   result = train.train(student, teacher, db, args.out, options, prompts=prompts, real_entries=real,
-                       latent_lpips=args.latent_lpips)
+                       latent_lpips=args.latent_lpips,
+                       on_start=lambda: cli_args.write_config(args.out, args, model=model_opts, train=options))
   last = result["losses"]
   shown = ", ".join(f"{k} {last[k]}" for k in ("loss_g", "distill", "loss_d") if k in last)
   print(f"trained to step {result['step']}: {result['adapter']} ({shown})")

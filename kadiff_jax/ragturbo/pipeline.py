@@ -166,10 +166,10 @@ def generate(models: DiffusionModels, jobs: Sequence[Job], options: t2i.Generati
 def write_jobs(models: DiffusionModels, jobs: Sequence[Job], options: t2i.GenerationOptions, rag: RagTurboOptions,
                database: HSpaceDatabase, out, *, injection: Injection | None = None,
                init_latents: np.ndarray | None = None, batch_size: int | None = None, overwrite: bool = False,
-               progress: bool = True):
+               progress: bool = True, on_plan=None):
   """`kadiff generate --mode rag-turbo`'s jobs into `out`: each `{id}.png` and its record `{id}.json` (inputs with
   their fingerprint, the retrieved entries and λ); jobs already done with the same inputs are skipped. Returns
-  (the resume plan, neighbours by job id)."""
+  (the resume plan, neighbours by job id). `on_plan(plan)` runs once the plan stands (a refusal writes nothing)."""
   from kadiff_jax import records
   from kadiff_jax.outputs import OutputDir
   database.check_model(models)
@@ -179,6 +179,8 @@ def write_jobs(models: DiffusionModels, jobs: Sequence[Job], options: t2i.Genera
   inputs = [job_inputs(j, models, options, rag, injection, database, neighbours[j.id],
                        None if init_latents is None else init_latents[i]) for i, j in enumerate(jobs)]
   resume = records.plan_resume(OutputDir(out), [j.id for j in jobs], inputs, overwrite=overwrite)
+  if on_plan is not None:
+    on_plan(resume)
   todo = [jobs[i] for i in resume.todo]
   if todo:
     generate(models, todo, options, rag, database, out, injection=injection, neighbours=neighbours,

@@ -405,9 +405,11 @@ def restore(manager, step: int, like: dict) -> dict:
 
 def train(student: DiffusionModels, teacher: DiffusionModels, database: HSpaceDatabase, out: str | os.PathLike,
           options: TrainOptions, *, prompts: Sequence[str] = (), real_entries: Sequence = (),
-          latent_lpips: str | None = None, progress: bool = True, mesh=None, stop_after: int | None = None) -> dict:
+          latent_lpips: str | None = None, progress: bool = True, mesh=None, stop_after: int | None = None,
+          on_start=None) -> dict:
   """Trains (or resumes) the run in `out`; returns {"step", "adapter", "losses": last row}. `stop_after` ends this
-  call after that many new steps (as if killed), leaving the last checkpoint behind."""
+  call after that many new steps (as if killed), leaving the last checkpoint behind. `on_start()` runs once the
+  folder is known to be this run's (a refused folder is left as it was)."""
   import orbax.checkpoint as ocp
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
@@ -440,6 +442,8 @@ def train(student: DiffusionModels, teacher: DiffusionModels, database: HSpaceDa
   identity["options"]["latent_lpips"] = lpips_sha
   check_run(out, identity)
   _atomic_write(out / "run.json", json.dumps(identity, indent=1).encode())
+  if on_start is not None:
+    on_start()
   data_dir = out / f"data-{digest}"
   if data_dir.is_dir():
     data = TrainData.load(data_dir)
