@@ -227,6 +227,7 @@ def test_retrieval_with_reranking(app, tmp_path):
   assert "re-ranked by `tiny`" in service.describe()
 
 
+@pytest.mark.slow
 def test_rag_turbo_tab(app, tmp_path):
   """One-step RAG-Turbo (on the tiny SDXL: the H-space seam is every family's) equals the CLI, pixel for pixel."""
   c = client(app, tmp_path)

@@ -61,6 +61,7 @@ def test_dataset_layout_and_plan(dataset_dir, tmp_path):
     db.load_dataset(tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_evaluate_dreambooth_end_to_end_and_resume(tmp_path, tiny_dir, tiny_clip, tiny_dino, dataset_dir, capsys):
   out = tmp_path / "eval"
   argv = ["evaluate", "dreambooth", "--data", str(dataset_dir), "--out", str(out), "--subjects", "dog,can",
@@ -109,6 +110,7 @@ def test_evaluate_dreambooth_end_to_end_and_resume(tmp_path, tiny_dir, tiny_clip
   assert "cannot read" in err and "dog-p01-s0.png" in err
 
 
+@pytest.mark.slow
 def test_evaluate_offline_with_tiny_metric_models(tmp_path, tiny_dir, dataset_dir, capsys, monkeypatch):
   """No network: the tiny SDXL, and `--clip tiny --dino tiny` made in the cache; summary.md names them."""
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")

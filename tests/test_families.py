@@ -166,6 +166,7 @@ def _reference():
   return str(dogs[0])
 
 
+@pytest.mark.slow
 def test_kadiff_on_sd15_injects_after_the_start_step_only(family_models, family_dir):
   """The release's sd1.5 defaults (layers 9-16, DIFT from up_blocks.1, base adapter at 0.6); injection off is the
   IP-Adapter baseline, and injection changes the generated image from its start step on."""

@@ -194,6 +194,7 @@ def _kadiff(*argv):
   return cli.main([str(a) for a in argv])
 
 
+@pytest.mark.slow
 def test_cli_builds_queries_generates_resumes_and_refuses_bad_input(turbo_dir, db_dir, tmp_path, capsys):
   out = tmp_path / "out"
   base = ["generate", "--model", turbo_dir, "--mode", "rag-turbo", "--database", db_dir, "--height", SIZE,
@@ -273,6 +274,7 @@ def test_latent_cache_recomputes_the_same_h(models, db, entries):
   assert max_rel_err(lat.hspace(models, ids), db.hspace(models, ids)) < 1e-5
 
 
+@pytest.mark.slow
 def test_evaluate_scores_plain_and_slerp_with_clip(turbo_dir, db_dir, tmp_path, capsys):
   from kadiff_jax.metrics.clip_score import CLIPScorer
   prompts = tmp_path / "prompts.txt"
