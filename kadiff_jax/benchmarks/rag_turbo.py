@@ -10,6 +10,7 @@ after a first, compiling call) and both whole paths:
              → UNet encoder → adapter (or slerp) → UNet decoder → VAE decode
 
 and prints the overhead ratio rag-turbo / plain measured in the same run
+(the two paths' calls alternate, so a drifting machine slows both alike)
 (the paper: 116.7 / 113.8 ms, +2.5 %). The whole rag-turbo path runs the UNet
 as the pipeline does, one program with the H-space hook inside
 (`unet_with_injection`); encoder, injection and decoder are also timed as
@@ -56,7 +57,19 @@ def _median_s(fn, iters: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
-  return first, float(np.median(times))
+  return first, float(np.median(times)) if times else first
+
+
+def _interleaved(paths: dict, iters: int) -> dict[str, tuple[float, float]]:
+  """(first call, median) of each path, the paths' calls alternating so that a drifting machine slows both alike."""
+  first = {name: _median_s(fn, 0)[0] for name, fn in paths.items()}
+  times: dict[str, list[float]] = {name: [] for name in paths}
+  for _ in range(iters):
+    for name, fn in paths.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return {name: (first[name], float(np.median(times[name]))) for name in paths}
 
 
 def run(config: str = "tiny", batch: int = 1, k: int = 1, db_size: int = 10_000, hspace: str = "adapter",
@@ -124,7 +137,7 @@ def run(config: str = "tiny", batch: int = 1, k: int = 1, db_size: int = 10_000,
     r, sc = retrieval()
     return decode(vp, injected(up, ap, noise, e, r, sc))
 
-  whole = {"plain": _median_s(plain, iters), "rag_turbo": _median_s(rag, iters)}
+  whole = _interleaved({"plain": plain, "rag_turbo": rag}, iters)
   ms = lambda s: round(s * 1e3 / batch, 3)
   return {"benchmark": "rag-turbo", "config": config, "batch": batch, "k": k, "db_size": db_size, "hspace": hspace,
           "dtype": dtype, "size": latent * 8, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
