@@ -313,11 +313,20 @@ def test_each_tab_in_a_real_browser(app, tmp_path):
     assert page.locator("#int-frames img").count() == 5
     page.screenshot(path=str(shots / "interpolation.png"), full_page=True)
 
+    page.get_by_role("tab", name="RAG-Turbo (one step)").click()
+    page.locator("#rt-prompt textarea").fill("a teddy bear with a party hat")
+    assert page.locator("#rt-steps input").input_value() == "50"  # the tiny SDXL's family default
+    page.locator("#rt-steps input").fill("2")
+    page.locator("#rt-go").click()
+    page.locator("#rt-ours img").wait_for(timeout=300_000)
+    assert page.locator("#rt-neighbours img").count() == 1
+    page.screenshot(path=str(shots / "rag_turbo.png"), full_page=True)
+
     page.get_by_role("tab", name="From your reference").click()
     page.locator("#ref-prompt textarea").fill("")
     page.locator("#ref-generate").click()  # an error is a message in the page, which stays usable
     page.get_by_text("the prompt is empty").first.wait_for(timeout=60_000)
     page.screenshot(path=str(shots / "error.png"), full_page=True)
     browser.close()
-  for name in ("knowledge", "reference", "interpolation", "error"):
+  for name in ("knowledge", "reference", "interpolation", "rag_turbo", "error"):
     assert Image.open(shots / f"{name}.png").size[0] == 1400

@@ -282,12 +282,14 @@ def _rag_turbo_tab(service: AppService) -> None:
       w = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="w (slerp)")
       injection = gr.Radio(["slerp"] + (["adapter"] if service.hspace_adapter else []), value="slerp",
                            label="injection")
-      steps = gr.Number(None, label="steps (default: the model's)", precision=0)
+      steps = gr.Number(service.pipe.models.family.steps, label="steps (the model family's default)", precision=0,
+                        elem_id="rt-steps")
     go = gr.Button("Generate", variant="primary", elem_id="rt-go")
     with gr.Row():
-      plain = gr.Image(label="plain (same noise, no retrieval)", elem_classes="kadiff-out")
-      ours = gr.Image(label="RAG-Turbo", elem_id="rt-ours", elem_classes="kadiff-out")
-    neighbours = gr.Gallery(label="retrieved (λ: text-key cosine)", columns=4, object_fit="contain")
+      plain = gr.Image(label="plain (same noise, no retrieval)", height=320, elem_classes="kadiff-out")
+      ours = gr.Image(label="RAG-Turbo", height=320, elem_id="rt-ours", elem_classes="kadiff-out")
+    neighbours = gr.Gallery(label="retrieved (λ: text-key cosine)", columns=4, height=260, object_fit="contain",
+                            allow_preview=False, elem_id="rt-neighbours")
     with gr.Accordion("record", open=False):
       record = gr.Code(label="image.json", language="json")
       record_file = gr.File(label="image.json")
