@@ -101,7 +101,8 @@ def run(config: str = "tiny", batch: int = 1, k: int = 1, db_size: int = 10_000,
       p, x, t, unet.UNetCond(e), config=ucfg, dtype=dt, hooks=(hook,),
       hook_args={hook.name: HookInputs(a, Retrieved(r, lam, jnp.full((batch,), 0.8)))})[0])
   enc = jax.jit(lambda p, x, e: unet.encode(p, x, t, unet.UNetCond(e), config=ucfg, dtype=dt))
-  inject = jax.jit(lambda a, h, r, lam: hook.edit_hspace(h, HookInputs(a, Retrieved(r, lam, jnp.full((batch,), 0.8))))[0])
+  w = jnp.full((batch,), 0.8)
+  inject = jax.jit(lambda a, h, r, lam: hook.edit_hspace(h, HookInputs(a, Retrieved(r, lam, w)))[0])
   dec = jax.jit(lambda p, h, s, e: unet.decode(p, h, s, t, unet.UNetCond(e), config=ucfg, dtype=dt))
   decode = jax.jit(lambda p, z: vae.decode(p, z, config=vcfg, dtype=dt))
 

@@ -64,7 +64,8 @@ def run(models, database, prompts: Sequence[str], seeds: Sequence[int], options:
 def write_reports(rows: Sequence[dict], out, *, clip_name: str) -> dict:
   out = Path(out)
   write_csv(out / "scores.csv", rows, FIELDS)
-  lines = [f"# RAG-Turbo: CLIP score ({clip_name}, plain cosine)", "", "| method | images | CLIP ↑ |", "|---|---|---|"]
+  lines = [f"# RAG-Turbo: CLIP score ({clip_name}, plain cosine)", "", "| method | images | CLIP ↑ |",
+           "|---|---|---|"]
   summary = {}
   for method in dict.fromkeys(r["method"] for r in rows):
     values = [float(r["clip"]) for r in rows if r["method"] == method]
