@@ -125,6 +125,29 @@ def atomic_dir(dest: Path, fill, fmt: str = FORMAT, what: str = "kadiff retrieva
   shutil.rmtree(old, ignore_errors=True)
 
 
+def read_manifest(folder: Path, fmt: str = FORMAT, version: int = VERSION, what: str = "retrieval index",
+                  build: str = "kadiff retrieve build") -> dict:
+  """The manifest.json of a `what` folder, refused (StoreError, one line) when missing, not JSON, or of another
+  format or version."""
+  mpath = Path(folder) / "manifest.json"
+  if not mpath.is_file():
+    raise StoreError(f"{folder} is not a {what} (no manifest.json); build one with `{build}`")
+  try:
+    manifest = json.loads(mpath.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise StoreError(f"{mpath} is not valid JSON ({e})") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != fmt or manifest.get("version") != version:
+    got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
+    raise StoreError(f"{mpath}: format {got[0]!r} version {got[1]!r}; expected {fmt!r} version {version}")
+  return manifest
+
+
+def mismatched_files(folder: Path, manifest: dict) -> list[str]:
+  """The files of `folder` whose SHA-256 differs from the manifest's `checksums` (or that one side lacks)."""
+  found, want = checksums(folder), manifest["checksums"]
+  return sorted(k for k in set(found) | set(want) if found.get(k) != want.get(k))
+
+
 def checksums(folder: Path) -> dict[str, str]:
   """SHA-256 of every file in an index folder but the manifest, by relative path."""
   out = {}
@@ -246,21 +269,10 @@ class RetrievalIndex:
     With `verify`, every file must match the manifest's checksum."""
     folder = Path(folder)
     recover(folder)
-    mpath = folder / "manifest.json"
-    if not mpath.is_file():
-      raise StoreError(f"{folder} is not a retrieval index (no manifest.json); build one with "
-                       "`kadiff retrieve build`")
-    try:
-      manifest = json.loads(mpath.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise StoreError(f"{mpath} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-      got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
-      raise StoreError(f"{mpath}: format {got[0]!r} version {got[1]!r}; expected {FORMAT!r} version {VERSION}")
-    _check_manifest(mpath, manifest)
+    manifest = read_manifest(folder)
+    _check_manifest(folder / "manifest.json", manifest)
     if verify:
-      found, want = checksums(folder), manifest["checksums"]
-      bad = sorted(k for k in set(found) | set(want) if found.get(k) != want.get(k))
+      bad = mismatched_files(folder, manifest)
       if bad:
         raise StoreError(f"{folder}: {', '.join(bad[:5])} do not match the manifest's checksums (a damaged, "
                          "half-written or altered index); rebuild it (or open with --no-verify at your own risk)")

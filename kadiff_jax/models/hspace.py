@@ -19,12 +19,13 @@ reported by the model under "hspace/{hook.name}.{key}".
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Sequence
 
 import jax
 
 
-class HSpaceHook:
+class HSpaceHook(abc.ABC):
   """Base of the H-space hooks (subclasses are frozen dataclasses with a `name`)."""
 
   name: str = "hspace"
@@ -33,8 +34,9 @@ class HSpaceHook:
   def selects(self, site) -> bool:  # an attention site: never ours
     return False
 
+  @abc.abstractmethod
   def edit_hspace(self, h: jax.Array, args: Any) -> tuple[jax.Array, dict]:
-    raise NotImplementedError
+    """h [B, h, w, C] and this hook's inputs -> (h', aux)."""
 
 
 def run_hooks(h: jax.Array, hooks: Sequence, hook_args: dict | None) -> tuple[jax.Array, dict]:

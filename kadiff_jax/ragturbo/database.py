@@ -207,26 +207,15 @@ class HSpaceDatabase:
     """Opens a database directory; with `models`, refuses one built with another model."""
     folder = Path(folder)
     store.recover(folder, FORMAT)
-    mpath = folder / "manifest.json"
-    if not mpath.is_file():
-      if (folder / "docids.json").is_file():
-        raise DatabaseError(f"{folder} is a retrieval index, not an H-space database; build one with "
-                            "`kadiff hspace build`")
-      raise DatabaseError(f"{folder} is not an H-space database (no manifest.json); build one with "
-                          "`kadiff hspace build`")
     try:
-      manifest = json.loads(mpath.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise DatabaseError(f"{mpath} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-      got = (manifest.get("format"), manifest.get("version")) if isinstance(manifest, dict) else (None, None)
-      raise DatabaseError(f"{mpath}: format {got[0]!r} version {got[1]!r}; expected {FORMAT!r} version {VERSION}")
+      manifest = store.read_manifest(folder, FORMAT, VERSION, "H-space database", "kadiff hspace build")
+    except store.StoreError as e:
+      raise DatabaseError(str(e)) from None
     for key in ("model", "cache", "text_key", "size", "count", "checksums", "feature_shape"):
       if key not in manifest:
-        raise DatabaseError(f"{mpath}: field {key!r} is missing")
+        raise DatabaseError(f"{folder / 'manifest.json'}: field {key!r} is missing")
     if verify:
-      found, want = store.checksums(folder), manifest["checksums"]
-      bad = sorted(k for k in set(found) | set(want) if found.get(k) != want.get(k))
+      bad = store.mismatched_files(folder, manifest)
       if bad:
         raise DatabaseError(f"{folder}: {', '.join(bad[:5])} do not match the manifest's checksums (a damaged, "
                             "half-written or altered database); rebuild it")
