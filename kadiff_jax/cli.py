@@ -9,7 +9,7 @@ import os
 import sys
 import traceback
 
-from kadiff_jax import cli_args, compile_cache
+from kadiff_jax import cli_args, compile_cache, xla_cpu
 from kadiff_jax.cli_args import UsageError  # noqa: F401  (re-exported for callers of the old module)
 
 
@@ -92,6 +92,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+  xla_cpu.configure()  # before anything creates a JAX backend
   parser = build_parser()
   given = argv if argv is not None else sys.argv[1:]
   verbose = any(a in ("--verbose",) or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in given)

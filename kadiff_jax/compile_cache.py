@@ -54,7 +54,9 @@ class CompileLog:
     jax.monitoring.unregister_event_duration_listener(compile_listener)
     c = self.counts
     hits = c.get("/jax/compilation_cache/cache_hits", 0)
+    from kadiff_jax.programs import LOADED_EVENT
     logging.getLogger("kadiff_jax").info(
-        "XLA programs: %d compiled, %d loaded from the compilation cache (%.1fs of compiling saved); %.1fs in "
-        "the backend", c.get("/jax/core/compile/backend_compile_duration#", 0) - hits, hits,
-        c.get("/jax/compilation_cache/compile_time_saved_sec", 0), c.get("/jax/core/compile/backend_compile_duration", 0))
+        "XLA programs: %d compiled, %d loaded from the compilation cache (%.1fs of compiling saved), %d from the "
+        "program cache; %.1fs in the backend", c.get("/jax/core/compile/backend_compile_duration#", 0) - hits, hits,
+        c.get("/jax/compilation_cache/compile_time_saved_sec", 0), c.get(LOADED_EVENT, 0),
+        c.get("/jax/core/compile/backend_compile_duration", 0))

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
+from kadiff_jax import xla_cpu
 from kadiff_jax.job import Job, check_seed
 from kadiff_jax.kadiff.options import DEFAULT_PROMPT, KADiffOptions
 from kadiff_jax.kadiff.reference import PreparedReference
@@ -55,7 +56,9 @@ class KADiffPipeline:
 
   @classmethod
   def from_options(cls, model_options: ModelOptions, *, mesh=None) -> "KADiffPipeline":
-    """The pipeline the model options (the CLI's model flags) name."""
+    """The pipeline the model options (the CLI's model flags) name. Applies `xla_cpu.configure()` first (it
+    takes effect when no JAX computation has run yet in this process)."""
+    xla_cpu.configure()
     models = model_options.load()
     return cls(models, model_options.load_adapter(models, required=True), model_options, mesh)
 

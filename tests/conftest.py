@@ -7,6 +7,10 @@ import os
 import numpy as np
 import pytest
 
+from kadiff_jax import xla_cpu
+
+xla_cpu.configure()  # the CPU settings the `kadiff` command runs with, before any test creates a backend
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):

@@ -254,3 +254,27 @@ def test_cli_ip_adapter(tmp_path, tiny_dir, capsys):
   assert cli.main(named) == 0
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "named" / "seed0_0000.png")),
                                 np.asarray(Image.open(tmp_path / "o" / "seed0_0000.png")))
+
+
+def test_image_projection_params_are_cached(tmp_path, tiny_dir, tiny_models, adapter, caplog):
+  """The projection's converted params come from the params cache on a second load, equal to the first (converting
+  needs its init traced); a changed adapter file is converted again."""
+  import logging
+  load_twice = [load_ip_adapter(tiny_dir / TINY_IP_ADAPTER, tiny_dir / TINY_IMAGE_ENCODER, tiny_models.unet_config,
+                                cache_dir=tmp_path) for _ in range(2)]
+  assert len(list((tmp_path / "params").glob("image_proj-*.safetensors"))) == 1
+  for a in load_twice:
+    for x, y in zip(jax.tree_util.tree_leaves(a.proj_params), jax.tree_util.tree_leaves(adapter.proj_params)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  changed = tmp_path / "changed.safetensors"
+  parts = zip(("image_proj", "ip_adapter"), read_checkpoint(tiny_dir / TINY_IP_ADAPTER))
+  state = {f"{part}.{k}": v for part, d in parts for k, v in d.items()}
+  first = next(k for k in state if k.startswith("image_proj.") and k.endswith("bias"))
+  state[first] = state[first] + 1
+  save_file(state, str(changed))
+  with caplog.at_level(logging.INFO, logger="kadiff_jax"):
+    moved = load_ip_adapter(changed, tiny_dir / TINY_IMAGE_ENCODER, tiny_models.unet_config, cache_dir=tmp_path)
+  assert "image_proj: converted" in caplog.text
+  assert len(list((tmp_path / "params").glob("image_proj-*.safetensors"))) == 2
+  assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
+             zip(jax.tree_util.tree_leaves(moved.proj_params), jax.tree_util.tree_leaves(adapter.proj_params)))

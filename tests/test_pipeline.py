@@ -38,6 +38,15 @@ def test_tiny_sdxl_matches_diffusers(tiny_models, torch_pipe, scheduler, negativ
   assert np.abs(images.astype(int) - (ref_img * 255).round().astype(int)).max() <= 1
 
 
+def test_initial_noise_is_normal_of_the_folded_key():
+  """The one-program noise equals jax.random.normal(fold_in(PRNGKey(seed), i)) bit for bit, across the seed range."""
+  import jax
+  for seed in (0, 7, 2**31 + 5, 2**32 - 1):
+    for indices in ([0], [3, 1], [0, 1, 2]):
+      want = np.stack([np.asarray(jax.random.normal(t2i.image_key(seed, i), (8, 8, 4))) for i in indices])
+      np.testing.assert_array_equal(np.asarray(t2i.initial_noise(seed, indices, (8, 8, 4))), want)
+
+
 def test_generate_cli_writes_pngs_with_metadata(tmp_path, tiny_dir):
   out = tmp_path / "out"
   rc = cli.main(["generate", "--model", str(tiny_dir), "--prompt", "a cat", "--out", str(out), "--steps", "3",
@@ -161,23 +170,26 @@ def test_sharded_over_4_cpu_devices_equals_single_device(tmp_path, tiny_dir):
 
 
 def test_second_cli_run_loads_its_programs_from_the_persistent_cache(tmp_path, tiny_dir):
-  """The CLI keeps JAX's compilation cache under $KADIFF_CACHE/xla: a second process running the same shapes
-  compiles nothing; KADIFF_COMPILE_CACHE=off turns it off."""
+  """The CLI keeps JAX's compilation cache under $KADIFF_CACHE/xla and the big programs' executables under
+  $KADIFF_CACHE/programs: a second process running the same shapes compiles nothing; KADIFF_COMPILE_CACHE=off and
+  KADIFF_PROGRAM_CACHE=off turn them off."""
   env = {**os.environ, "KADIFF_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
   argv = [sys.executable, "-m", "kadiff_jax.cli", "-v", "generate", "--model", str(tiny_dir), "--prompt", "a cat",
           "--steps", "2"]
 
   def programs(out, **extra):
+    """(compiled, loaded from the compilation cache, loaded from the program cache)"""
     run = subprocess.run(argv + ["--out", str(tmp_path / out)], env={**env, **extra}, capture_output=True,
                          text=True, timeout=300, check=True)
     line = next(l for l in run.stderr.splitlines() if "XLA programs:" in l)
-    compiled, loaded = (int(line.split("XLA programs: ")[1].split(" compiled")[0]),
-                        int(line.split(", ")[1].split(" loaded")[0]))
-    return compiled, loaded
+    return (int(line.split("XLA programs: ")[1].split(" compiled")[0]),
+            int(line.split(", ")[1].split(" loaded")[0]), int(line.split("), ")[1].split(" from the program")[0]))
 
   first = programs("a")
-  assert first[0] > 0 and first[1] == 0 and any((tmp_path / "cache" / "xla").iterdir())
-  assert programs("b") == (0, first[0])
-  assert programs("c", KADIFF_COMPILE_CACHE="off") == (first[0], 0)
+  assert first[0] > 0 and first[1:] == (0, 0) and any((tmp_path / "cache" / "xla").iterdir())
+  second = programs("b")
+  assert second[0] == 0 and second[2] > 0 and second[1] + second[2] == first[0]
+  assert programs("c", KADIFF_COMPILE_CACHE="off") == (second[1], 0, second[2])
+  assert programs("d", KADIFF_COMPILE_CACHE="off", KADIFF_PROGRAM_CACHE="off") == (first[0], 0, 0)
   np.testing.assert_array_equal(np.asarray(__import__("PIL.Image").Image.open(tmp_path / "a" / "seed0_0000.png")),
                                 np.asarray(__import__("PIL.Image").Image.open(tmp_path / "b" / "seed0_0000.png")))

@@ -1,17 +1,28 @@
-"""The program cache (`kadiff_jax.programs`): traced once, read back by a later process without tracing."""
+"""The program cache (`kadiff_jax.programs`): compiled once, read back by a later process without tracing, lowering
+or compiling; and the CPU compiler settings (`kadiff_jax.xla_cpu`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kadiff_jax import programs
+from kadiff_jax import programs, xla_cpu
 
 TRACES = []
+COMPILES = []
+
+
+def _count_compiles(event, seconds, **_):
+  if event == "/jax/core/compile/backend_compile_duration":
+    COMPILES.append(seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,14 +45,20 @@ def _fresh():
   return programs.PersistentJit(body, ("config",))
 
 
-def test_program_is_exported_once_and_read_back_without_tracing(tmp_path, monkeypatch):
+def test_program_is_compiled_once_and_read_back_without_tracing_or_compiling(tmp_path, monkeypatch):
   monkeypatch.setenv("KADIFF_PROGRAM_CACHE", str(tmp_path))
+  monkeypatch.setenv("KADIFF_COMPILE_CACHE", "off")
   x, params = np.ones((3, 4), np.float32), {"w": jnp.eye(4) * 0.5}
   TRACES.clear()
   first = _fresh()(x, params, 2.0, config=Config(2))
-  assert len(TRACES) == 1 and len(list(tmp_path.glob("*.jaxexport"))) == 1
-  again = _fresh()(x, params, 3.0, config=Config(2))  # another "process", another scale: no tracing at all
-  assert len(TRACES) == 1
+  assert len(TRACES) == 1 and len(list(tmp_path.glob("*.xla"))) == 1
+  COMPILES.clear()
+  jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+  try:
+    again = _fresh()(x, params, 3.0, config=Config(2))  # another "process", another scale: no tracing at all
+  finally:
+    jax.monitoring.unregister_event_duration_listener(_count_compiles)
+  assert len(TRACES) == 1 and not COMPILES
   want = x
   for _ in range(2):
     want = np.tanh(want @ np.asarray(params["w"])) * 3.0
@@ -49,18 +66,22 @@ def test_program_is_exported_once_and_read_back_without_tracing(tmp_path, monkey
   assert float(first["mean"]) != float(again["mean"])
   _fresh()(x, params, 2.0, config=Config(3))  # another static argument: another program
   _fresh()(np.ones((5, 4), np.float32), params, 2.0, config=Config(2))  # another shape: another program
-  assert len(TRACES) == 3 and len(list(tmp_path.glob("*.jaxexport"))) == 3
+  assert len(TRACES) == 3 and len(list(tmp_path.glob("*.xla"))) == 3
 
 
-def test_damaged_program_is_exported_again(tmp_path, monkeypatch):
+def test_damaged_program_is_compiled_again(tmp_path, monkeypatch):
   monkeypatch.setenv("KADIFF_PROGRAM_CACHE", str(tmp_path))
   x, params = np.ones((3, 4), np.float32), {"w": jnp.eye(4)}
   _fresh()(x, params, 1.0, config=Config(1))
-  (path,) = tmp_path.glob("*.jaxexport")
+  (path,) = tmp_path.glob("*.xla")
   path.write_bytes(b"not a program")
   TRACES.clear()
   out = _fresh()(x, params, 1.0, config=Config(1))
-  assert len(TRACES) == 1 and path.read_bytes() != b"not a program"
+  # traced once; twice where XLA's compilation cache (on in this process if an earlier test ran the CLI) supplied
+  # the executable, whose trace is then exported to be kept instead
+  kept = list(tmp_path.glob("*.jaxexport"))
+  assert (len(TRACES), len(kept)) in ((1, 0), (2, 1))
+  assert not path.exists() or path.read_bytes() != b"not a program"
   np.testing.assert_allclose(np.asarray(out["y"]), np.tanh(np.ones((3, 4))), rtol=1e-6)
 
 
@@ -77,4 +98,49 @@ def test_what_is_not_kept(tmp_path, monkeypatch, case):
     out = jax.jit(lambda x: f(x, params, 1.0, config=Config(1)))(x)
   else:
     out = f(x, params, 1.0, config=Config(1))
-  assert np.isfinite(np.asarray(out["y"])).all() and not list(tmp_path.glob("*.jaxexport"))
+  assert np.isfinite(np.asarray(out["y"])).all() and not list(tmp_path.glob("*.xla"))
+
+
+def test_xla_cpu_flags():
+  """YNNPACK fusions off for the measured jaxlib; a user's own choice, other versions and KADIFF_XLA_CPU=default
+  leave XLA_FLAGS alone."""
+  off = xla_cpu.YNN_FUSIONS_OFF
+  assert xla_cpu.xla_flags("", "0.10.2") == off
+  assert xla_cpu.xla_flags("--xla_force_host_platform_device_count=4", "0.10.2") == \
+      f"--xla_force_host_platform_device_count=4 {off}"
+  mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
+  assert xla_cpu.xla_flags(mine, "0.10.2") == mine
+  assert xla_cpu.xla_flags("", "0.11.0") == "" and xla_cpu.xla_flags("", "0.10.2", "default") == ""
+
+
+def test_executable_from_the_compilation_cache_is_kept_as_its_trace(tmp_path):
+  """On CPU an executable read from XLA's compilation cache serialises incompletely (running it after loading
+  fails with "Function ... not found"): such a one runs, and its trace (jax.export) is kept instead; the next
+  process compiles that trace without tracing and keeps the executable in its place. In fresh processes: the
+  compilation cache is process-wide."""
+  script = textwrap.dedent(f"""
+      import os, sys, pathlib
+      import jax, jax.numpy as jnp, numpy as np
+      from kadiff_jax import compile_cache, programs
+      os.environ["KADIFF_COMPILE_CACHE"] = "{tmp_path / 'xla'}"
+      os.environ["KADIFF_PROGRAM_CACHE"] = "{tmp_path / 'programs'}"
+      compile_cache.enable()
+      def f(x, idx):
+        return jnp.take(x, idx, axis=0) * 2 + jnp.arange(idx.shape[0])[:, None]
+      x, idx = np.arange(40.0, dtype=np.float32).reshape(10, 4), np.array([3, 1, 7], np.int32)
+      out = np.asarray(programs.PersistentJit(f, ())(x, idx)).sum()
+      kept = pathlib.Path("{tmp_path / 'programs'}")
+      print(sys.argv[1], out, len(list(kept.glob("*.xla"))), len(list(kept.glob("*.jaxexport"))))
+  """)
+  run = lambda tag: subprocess.run([sys.executable, "-c", script, tag], capture_output=True, text=True,
+                                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  first = run("fresh")
+  assert first.stdout.split() == ["fresh", "400.0", "1", "0"], first.stderr[-2000:]
+  for path in (tmp_path / "programs").glob("*.xla"):
+    path.unlink()  # the program cache lost, the compilation cache kept
+  again = run("hit")
+  assert again.stdout.split() == ["hit", "400.0", "0", "1"], again.stderr[-2000:]
+  last = run("after")
+  assert last.stdout.split() == ["after", "400.0", "1", "0"], last.stderr[-2000:]  # compiled from the trace: kept
+  final = run("final")
+  assert final.stdout.split() == ["final", "400.0", "1", "0"], final.stderr[-2000:]

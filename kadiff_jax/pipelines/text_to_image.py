@@ -88,8 +88,15 @@ def step_keys(seeds_indices: Sequence[tuple[int, int]]) -> np.ndarray:
 
 
 def initial_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]) -> jax.Array:
-  """Per-image Gaussian noise [N, h, w, C]: image i uses fold_in(PRNGKey(seed), i)."""
-  return jnp.stack([jax.random.normal(image_key(seed, i), shape, jnp.float32) for i in indices])
+  """Per-image Gaussian noise [N, h, w, C]: image i uses fold_in(PRNGKey(seed), i). One kept program (not a
+  handful of small eager ones); PRNGKey(seed) of a seed in [0, 2**32) is the raw key [0, seed]."""
+  return _noise(np.asarray([0, seed], np.uint32), np.asarray(indices, np.uint32), shape=tuple(shape))
+
+
+@persistent_jit(static_argnames=("shape",))
+def _noise(key, indices, *, shape):
+  return jnp.stack([jax.random.normal(jax.random.fold_in(key, indices[n]), shape, jnp.float32)
+                    for n in range(indices.shape[0])])
 
 
 @persistent_jit(static_argnames=("unet_config", "scheduler", "layout", "dtype", "hooks"))

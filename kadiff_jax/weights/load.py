@@ -78,7 +78,19 @@ def load_component(folder: Path, spec: ComponentSpec, expected: Callable[[], Any
                    variant: str | None = None, cache_dir: Path | None = None, use_cache: bool = True):
   """Params from the checkpoint in `folder` for the model `config`, whose param shapes `expected()` gives (a
   ShapeDtypeStruct tree; only evaluated to convert, since tracing a model's init costs seconds)."""
-  sources = files.weight_files(folder, variant)
+  def convert_folder():
+    state, read = files.read_state_dict(folder, variant)
+    params = convert.torch_to_params(state, expected(), component=f"{spec.name} ({folder})", renames=spec.renames,
+                                     ignore=spec.ignore, dtype=np.dtype(jnp.dtype(dtype)))
+    return params, f"{len(state)} tensors from {', '.join(f.name for f in read)}"
+  return cached_params(files.weight_files(folder, variant), spec, config, convert_folder, dtype=dtype,
+                       cache_dir=cache_dir, use_cache=use_cache)
+
+
+def cached_params(sources: list[Path], spec: ComponentSpec, config, convert_sources: Callable[[], tuple[Any, str]],
+                  *, dtype=jnp.float32, cache_dir: Path | None = None, use_cache: bool = True):
+  """Params converted from the checkpoint files `sources` by `convert_sources()` -> (params, what it read), kept
+  in the params cache under a fingerprint of the files, the spec, the dtype, the config and the model code."""
   key = _fingerprint(sources, spec, dtype, config)
   cache = (cache_dir or default_cache_dir()) / "params" / f"{spec.name}-{key}.safetensors"
   t0 = time.perf_counter()
@@ -89,11 +101,8 @@ def load_component(folder: Path, spec: ComponentSpec, expected: Callable[[], Any
       return params
     except Exception as e:  # derived data, damaged or foreign (safetensors' own errors included): convert again
       log.warning("%s: params cache %s unreadable (%s); converting again", spec.name, cache, e)
-  state, read = files.read_state_dict(folder, variant)
-  params = convert.torch_to_params(state, expected(), component=f"{spec.name} ({folder})", renames=spec.renames,
-                                   ignore=spec.ignore, dtype=np.dtype(jnp.dtype(dtype)))
-  log.info("%s: converted %d tensors from %s (%.2fs)", spec.name, len(state), ", ".join(f.name for f in read),
-           time.perf_counter() - t0)
+  params, read = convert_sources()
+  log.info("%s: converted %s (%.2fs)", spec.name, read, time.perf_counter() - t0)
   if use_cache:
     try:
       cache.parent.mkdir(parents=True, exist_ok=True)
