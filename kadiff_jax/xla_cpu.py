@@ -5,8 +5,8 @@ Each such fusion runs on one thread, and a UNet step is a chain of them, so
 a whole KA-Diff pass keeps one core busy however many there are (a profile of
 the tiny 256 px, 50-step job on 2 cores: the two threads overlap 2 % of the
 time). XLA's own dot and convolution kernels split each op over every core:
-with them the same pass takes 2.7 s instead of 3.9 s on 2 cores, with the
-same results within fp32 rounding.
+with them the same job, run in-process with warm programs, takes 2.7 s
+instead of 3.9 s on 2 cores, with the same results within fp32 rounding.
 
 `configure()` adds `--xla_cpu_experimental_ynn_fusion_type=` (no YNNPACK
 fusions) to XLA_FLAGS, for the jaxlib versions it was measured on (other

@@ -144,3 +144,28 @@ def test_executable_from_the_compilation_cache_is_kept_as_its_trace(tmp_path):
   assert last.stdout.split() == ["after", "400.0", "1", "0"], last.stderr[-2000:]  # compiled from the trace: kept
   final = run("final")
   assert final.stdout.split() == ["final", "400.0", "1", "0"], final.stderr[-2000:]
+
+
+@pytest.mark.skipif(not jax.lib.__version__.startswith(xla_cpu.MEASURED_JAXLIB), reason="flag measured on 0.10")
+def test_kadiff_command_compiles_without_ynnpack_fusions():
+  """`kadiff` sets the flag before JAX creates its backend: a convolution compiled afterwards in that process has no
+  YNNPACK fusion (without the flag jaxlib 0.10 makes one), and neither has one in this test process (conftest)."""
+  script = textwrap.dedent("""
+      import jax, jax.numpy as jnp
+      from kadiff_jax import cli
+      try:
+        cli.main(["--version"])
+      except SystemExit:
+        pass
+      x, w = jnp.ones((2, 32, 32, 64)), jnp.ones((3, 3, 64, 64))
+      conv = lambda x: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      print("ynn" if "ynn_fusion" in jax.jit(conv).lower(x).compile().as_text() else "xla")
+  """)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = lambda extra: subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                     env={**env, "JAX_PLATFORMS": "cpu", **extra}).stdout.split()[-1]
+  assert run({}) == "xla"
+  assert run({"KADIFF_XLA_CPU": "default"}) == "ynn"  # XLA's own default makes one: the check can fail
+  x, w = jnp.ones((2, 32, 32, 64)), jnp.ones((3, 3, 64, 64))
+  conv = lambda x: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert "ynn_fusion" not in jax.jit(conv).lower(x).compile().as_text()
