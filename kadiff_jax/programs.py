@@ -87,9 +87,10 @@ def _leaf_key(leaf, devices: set) -> str | None:
 class PersistentJit:
   """A `jax.jit` whose traced program is exported to and read from the program cache (module docstring)."""
 
-  def __init__(self, fn, static_argnames: tuple[str, ...]):
+  def __init__(self, fn, static_argnames: tuple[str, ...], cpu_options: dict | None = None):
     self.jitted = jax.jit(fn, static_argnames=static_argnames)
     self.static_argnames = tuple(static_argnames)
+    self.cpu_options = cpu_options
     self.name = f"{fn.__module__}.{fn.__qualname__}"
     self._programs: dict[str, object] = {}
     functools.update_wrapper(self, fn)
@@ -137,7 +138,7 @@ class PersistentJit:
     jax.monitoring.register_event_listener(count_hits)
     try:
       with jax.default_device(device):
-        compiled = lower().compile()
+        compiled = lower().compile(self.cpu_options if device.platform == "cpu" else None)
     finally:
       jax.monitoring.unregister_event_listener(count_hits)
     try:
@@ -185,6 +186,7 @@ def serializable(cls):
   return cls
 
 
-def persistent_jit(*, static_argnames: tuple[str, ...] = ()):
-  """Decorator: `jax.jit(fn, static_argnames=...)` with its compiled program kept in the program cache."""
-  return lambda fn: PersistentJit(fn, static_argnames)
+def persistent_jit(*, static_argnames: tuple[str, ...] = (), cpu_options: dict | None = None):
+  """Decorator: `jax.jit(fn, static_argnames=...)` with its compiled program kept in the program cache;
+  `cpu_options` are XLA compiler options for its CPU compiles (the plain jitted fallback compiles without)."""
+  return lambda fn: PersistentJit(fn, static_argnames, cpu_options)

@@ -102,6 +102,7 @@ def test_shipped_configs_load_for_their_command(name, command, extra):
     assert config.build(ModelOptions, args).model == "stabilityai/stable-diffusion-xl-base-1.0"
 
 
+@pytest.mark.slow  # a long end-to-end run (CI runs the slow suite too)
 def test_release_config_runs_on_the_tiny_model_and_writes_what_it_resolved(tmp_path, tiny_dir):
   """kadiff generate --config configs/kadiff_sdxl_release.yaml model=... steps=10: the overrides win, the
   model-dependent defaults (size, layers) resolve for the tiny UNet, and config.yaml reproduces the run."""

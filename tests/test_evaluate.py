@@ -160,6 +160,7 @@ def test_matches_image_draws_each_match_in_its_source_colour():
   np.testing.assert_array_equal(untouched, [128, 128, 128])
 
 
+@pytest.mark.slow  # a long end-to-end run (CI runs the slow suite too)
 def test_visualize_correspondence_cli(tmp_path, tiny_dir, capsys):
   ref = next(iter(sorted((SHARED / "dog").glob("*.jpg"))), None) if SHARED.is_dir() else None
   if ref is None:

@@ -15,6 +15,7 @@ DREAMBOOTH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreamboo
 pytestmark = pytest.mark.skipif(not DREAMBOOTH.is_dir(), reason="../shared/data/dreambooth not present")
 
 
+@pytest.mark.slow  # a long end-to-end run (CI runs the slow suite too)
 def test_run_retrieves_generates_and_records(tmp_path, tiny_dir, capsys):
   idx = tmp_path / "idx"
   assert cli.main(["retrieve", "build", "--corpus", str(DREAMBOOTH), "--index", str(idx)]) == 0

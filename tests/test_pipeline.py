@@ -169,6 +169,7 @@ def test_sharded_over_4_cpu_devices_equals_single_device(tmp_path, tiny_dir):
     assert np.abs(r["img4"].astype(int) - img).max() <= 1
 
 
+@pytest.mark.slow  # a long end-to-end run (CI runs the slow suite too)
 def test_second_cli_run_loads_its_programs_from_the_persistent_cache(tmp_path, tiny_dir):
   """The CLI keeps JAX's compilation cache under $KADIFF_CACHE/xla and the big programs' executables under
   $KADIFF_CACHE/programs: a second process running the same shapes compiles nothing; KADIFF_COMPILE_CACHE=off and

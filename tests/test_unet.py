@@ -208,3 +208,35 @@ def test_attention_implementation_is_decided_in_one_place_and_falls_back_where_c
   if jax.default_backend() != "gpu":
     with pytest.raises(Exception):  # the fallback is what made the line above run: jax itself refuses here
       jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def test_applying_pretrained_models_traces_no_random_initialiser(monkeypatch):
+  """Flax checks each param's shape on every apply by tracing its initialiser: pretrained layers use zeros
+  (`layers.checkpoint_init`), so no random initialiser is traced; the H-space adapter, trained from scratch,
+  keeps random ones."""
+  from kadiff_jax.models import hspace_adapter, vae
+
+  cfg = unet.tiny_sdxl()
+  params = unet.init_shapes(cfg)
+  vae_cfg = vae.tiny()
+  vae_params = vae.init_shapes(vae_cfg)
+
+  def refuse(*a, **k):
+    raise AssertionError("a random initialiser was traced while applying a pretrained model")
+
+  from jax._src import random as random_impl  # what jax.nn.initializers call
+
+  with monkeypatch.context() as m:
+    for name in ("normal", "truncated_normal", "uniform"):
+      m.setattr(random_impl, name, refuse)
+    x = jax.ShapeDtypeStruct((1, 8, 8, cfg.in_channels), jnp.float32)
+    cond = unet.UNetCond(jax.ShapeDtypeStruct((1, 77, cfg.cross_attention_dim[0]), jnp.float32),
+                         jax.ShapeDtypeStruct((1, cfg.projection_class_embeddings_input_dim
+                                               - 6 * cfg.addition_time_embed_dim), jnp.float32),
+                         jax.ShapeDtypeStruct((1, 6), jnp.float32))
+    jax.eval_shape(lambda p, x_, c_: unet.apply(p, x_, 1.0, c_, config=cfg)[0], params, x, cond)
+    jax.eval_shape(lambda p: vae.decode(p, jnp.zeros((1, 8, 8, vae_cfg.latent_channels)), config=vae_cfg),
+                   vae_params)
+  adapter = hspace_adapter.init_params(hspace_adapter.HSpaceAdapterConfig(64, 4, 8), jax.random.PRNGKey(0))
+  kernel = np.asarray(adapter["transformer_blocks_0"]["attn1"]["to_q"]["kernel"])
+  assert kernel.std() > 0.05  # lecun normal over 64 inputs: std 1/8

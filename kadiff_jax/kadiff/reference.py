@@ -194,21 +194,22 @@ def _invert(unet_params, vae_params, pixels, cond, guidance, hook_args, *, unet_
 
 def inversion_conditioning(prepared: Sequence[PreparedReference], models: DiffusionModels, options: KADiffOptions,
                            scale: float):
-  """UNet conditioning and IP-Adapter rows for inversion, CFG layout [uncond_i, cond_i] per reference (Q1)."""
+  """UNet conditioning and IP-Adapter rows for inversion, CFG layout [uncond_i, cond_i] per reference (Q1). Host
+  arrays, placed once with the batch (no small device programs run here)."""
   n = len(prepared)
-  embeds = jnp.asarray(np.stack([p.embeds for p in prepared]))
-  pooled = jnp.asarray(np.stack([p.pooled for p in prepared]))
-  tok_c = jnp.asarray(np.stack([p.ip_tokens for p in prepared]))
+  embeds = np.stack([p.embeds for p in prepared])
+  pooled = np.stack([p.pooled for p in prepared])
+  tok_c = np.stack([p.ip_tokens for p in prepared])
   if options.inversion_uncond == "reference":  # Q1: cond sequence in both halves, zero pooled for uncond
-    neg_embeds, neg_pooled, neg_tokens = embeds, jnp.zeros_like(pooled), tok_c
+    neg_embeds, neg_pooled, neg_tokens = embeds, np.zeros_like(pooled), tok_c
   else:
     neg = conditioning.encode_prompts(models, [options.negative_prompt] * n)
-    neg_embeds, neg_pooled = neg.embeds, neg.pooled
-    neg_tokens = jnp.asarray(np.stack([p.ip_uncond for p in prepared]))
+    neg_embeds, neg_pooled = np.asarray(neg.embeds), np.asarray(neg.pooled)
+    neg_tokens = np.stack([p.ip_uncond for p in prepared])
   cond = conditioning.unet_cond(models, CFG.interleave({"uncond": neg_embeds, "cond": embeds}),
                                 CFG.interleave({"uncond": neg_pooled, "cond": pooled}), options.size, options.size)
   rows = ip_adapter.IPAdapterRows(CFG.interleave({"uncond": neg_tokens, "cond": tok_c}),
-                                  jnp.full((CFG.rows * n,), scale, jnp.float32))
+                                  np.full((CFG.rows * n,), scale, np.float32))
   return cond, rows
 
 
@@ -243,7 +244,7 @@ def _with_inputs(models, adapter, sources: Sequence[tuple[str, Image.Image, str]
   """(path, image, ref_prompt) -> PreparedReference without its inversion: text and image tokens, batched."""
   text = conditioning.encode_prompts(models, [p for _, _, p in sources])
   pixels = ip_adapter.preprocess_references([ip_reference(im, options.size) for _, im, _ in sources], adapter)
-  tok_c, tok_u = (np.asarray(a) for a in ip_adapter.image_tokens(adapter, jnp.asarray(pixels)))
+  tok_c, tok_u = (np.asarray(a) for a in ip_adapter.image_tokens(adapter, pixels))
   embeds, pooled = np.asarray(text.embeds), np.asarray(text.pooled)
   empty = Inversion(np.zeros(0), np.zeros(0), np.zeros(0), {})
   return [PreparedReference(path, im, prompt, embeds[k], pooled[k], tok_c[k], tok_u[k], empty)

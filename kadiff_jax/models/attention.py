@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kadiff_jax.models import layers
 from kadiff_jax.programs import serializable
 
 
@@ -148,6 +149,7 @@ class Attention(nn.Module):
   upcast: bool = False
   implementation: str | None = None
   dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = layers.checkpoint_init  # a random one where the layer is trained from scratch
 
   @nn.compact
   def __call__(self, x, context=None, spatial=(0, 0), hooks=(), hook_args=None):
@@ -156,9 +158,9 @@ class Attention(nn.Module):
       raise ValueError(f"{self.site.path}: site says {self.site.channels} channels, the layer has {inner}")
     b, lq, c = x.shape
     ctx = x if context is None else context
-    q = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
-    k = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(ctx)
-    v = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(ctx)
+    q = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=self.kernel_init, name="to_q")(x)
+    k = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=self.kernel_init, name="to_k")(ctx)
+    v = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, kernel_init=self.kernel_init, name="to_v")(ctx)
     split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.dim_head)  # [B, L, heads, d]
     base = lambda q_, k_, v_: dot_product_attention(
         q_, k_, v_, implementation=self.implementation, upcast=self.upcast)
@@ -170,7 +172,7 @@ class Attention(nn.Module):
     else:
       out = base(split(q), split(k), split(v))
     out = out.reshape(b, lq, inner)
-    return nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
+    return nn.Dense(c, dtype=self.dtype, kernel_init=self.kernel_init, name="to_out_0")(out)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,7 +61,7 @@ class Embeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids):
     cfg = self.config
-    embed = lambda n, size: nn.Embed(size, cfg.hidden_size, dtype=self.dtype, name=n)
+    embed = lambda n, size: layers.Embed(size, cfg.hidden_size, dtype=self.dtype, name=n)
     x = (embed("word_embeddings", cfg.vocab_size)(input_ids)
          + embed("position_embeddings", cfg.max_position_embeddings)(jnp.arange(input_ids.shape[1]))[None]
          + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids))
@@ -75,7 +75,7 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, mask):
     b, l, d = x.shape
-    q, k, v = (nn.Dense(d, dtype=self.dtype, name=n)(x).reshape(b, l, self.heads, d // self.heads)
+    q, k, v = (layers.Dense(d, dtype=self.dtype, name=n)(x).reshape(b, l, self.heads, d // self.heads)
                for n in ("query", "key", "value"))
     return jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, l, d)
 
@@ -89,7 +89,7 @@ class AddNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, residual):
-    h = nn.Dense(self.features, dtype=self.dtype, name="dense")(x)
+    h = layers.Dense(self.features, dtype=self.dtype, name="dense")(x)
     return layers.LayerNorm(self.eps, self.dtype, name="LayerNorm")(residual + h)
 
 
@@ -111,7 +111,7 @@ class Intermediate(nn.Module):
   @nn.compact
   def __call__(self, x):
     return _ACTS[self.config.hidden_act](
-        nn.Dense(self.config.intermediate_size, dtype=self.dtype, name="dense")(x))
+        layers.Dense(self.config.intermediate_size, dtype=self.dtype, name="dense")(x))
 
 
 class Layer(nn.Module):

@@ -102,10 +102,10 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, mask):
     b, l, d = x.shape
-    q, k, v = (nn.Dense(d, dtype=self.dtype, name=n)(x).reshape(b, l, self.heads, d // self.heads)
+    q, k, v = (layers.Dense(d, dtype=self.dtype, name=n)(x).reshape(b, l, self.heads, d // self.heads)
                for n in ("q_proj", "k_proj", "v_proj"))  # [B, L, heads, d_head]
     a = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, l, d)
-    return nn.Dense(d, dtype=self.dtype, name="out_proj")(a)
+    return layers.Dense(d, dtype=self.dtype, name="out_proj")(a)
 
 
 class MLP(nn.Module):
@@ -114,8 +114,8 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.Dense(self.config.intermediate_size, dtype=self.dtype, name="fc1")(x)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(_ACTS[self.config.hidden_act](h))
+    h = layers.Dense(self.config.intermediate_size, dtype=self.dtype, name="fc1")(x)
+    return layers.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(_ACTS[self.config.hidden_act](h))
 
 
 class EncoderLayer(nn.Module):
@@ -152,8 +152,8 @@ class Embeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids):
     cfg = self.config
-    tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding")(input_ids)
-    pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, name="position_embedding")
+    tok = layers.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding")(input_ids)
+    pos = layers.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, name="position_embedding")
     return tok + pos(jnp.arange(input_ids.shape[1]))[None]
 
 
@@ -180,7 +180,7 @@ class CLIPText(nn.Module):
     pooled = last[jnp.arange(b), eos]
     embeds = None
     if cfg.projection_dim:
-      embeds = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
+      embeds = layers.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
     return TextOutput(tuple(states), last, pooled, embeds)
 
 

@@ -100,14 +100,14 @@ class Embeddings(nn.Module):
   @nn.compact
   def __call__(self, pixels):
     cfg = self.config
-    cls_tok = self.param("class_embedding", nn.initializers.normal(0.02), (cfg.hidden_size,))
+    cls_tok = self.param("class_embedding", layers.checkpoint_init, (cfg.hidden_size,))
     p = cfg.patch_size
     patches = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
-                      name="patch_embedding")(pixels.astype(self.dtype))
+                      kernel_init=layers.checkpoint_init, name="patch_embedding")(pixels.astype(self.dtype))
     b = patches.shape[0]
     patches = patches.reshape(b, -1, cfg.hidden_size)  # [B, hw, D], raster order like torch's flatten
     x = jnp.concatenate([jnp.broadcast_to(cls_tok.astype(self.dtype), (b, 1, cfg.hidden_size)), patches], axis=1)
-    pos = nn.Embed(cfg.num_tokens, cfg.hidden_size, dtype=self.dtype, name="position_embedding")
+    pos = layers.Embed(cfg.num_tokens, cfg.hidden_size, dtype=self.dtype, name="position_embedding")
     return x + pos(jnp.arange(x.shape[1]))[None]
 
 
@@ -125,7 +125,7 @@ class CLIPVision(nn.Module):
     x = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="pre_layrnorm")(x)  # (sic) the torch name
     states = Encoder(cfg, self.dtype, name="encoder")(x, None)
     pooled = layers.LayerNorm(cfg.layer_norm_eps, self.dtype, name="post_layernorm")(states[-1][:, 0])
-    embeds = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, name="visual_projection")(pooled)
+    embeds = layers.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, name="visual_projection")(pooled)
     return VisionOutput(tuple(states), states[-1], pooled, embeds)
 
 

@@ -47,6 +47,9 @@ class HSpaceAdapterConfig:
     return dataclasses.asdict(self)
 
 
+_RANDOM_INIT = nn.initializers.lecun_normal()  # trained from scratch: not the pretrained layers' checkpoint_init
+
+
 class HSpaceAdapter(nn.Module):
   config: HSpaceAdapterConfig
   dtype: jnp.dtype = jnp.float32
@@ -75,10 +78,10 @@ class _AdapterBlock(nn.Module):
   def __call__(self, x, context):
     cfg, dt = self.config, self.dtype
     ln = lambda name: layers.LayerNorm(1e-5, dt, name=name)
-    attn = lambda name: Attention(cfg.heads, cfg.dim_head, dtype=dt, name=name)
+    attn = lambda name: Attention(cfg.heads, cfg.dim_head, dtype=dt, kernel_init=_RANDOM_INIT, name=name)
     x = x + attn("attn1")(ln("norm1")(x))
     x = x + attn("attn2")(ln("norm2")(x), context)
-    return x + FeedForward(cfg.channels, dt, name="ff")(ln("norm3")(x))
+    return x + FeedForward(cfg.channels, dt, _RANDOM_INIT, name="ff")(ln("norm3")(x))
 
 
 def apply(params, h, retrieved, *, config: HSpaceAdapterConfig, dtype=jnp.float32) -> jax.Array:

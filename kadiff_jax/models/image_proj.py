@@ -51,15 +51,15 @@ class PerceiverAttention(nn.Module):
     inner = self.dim_head * self.heads
     x = layers.LayerNorm(1e-5, self.dtype, name="norm1")(x)
     latents = layers.LayerNorm(1e-5, self.dtype, name="norm2")(latents)
-    q = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(latents)
-    kv = nn.Dense(2 * inner, use_bias=False, dtype=self.dtype, name="to_kv")(jnp.concatenate([x, latents], axis=1))
+    q = layers.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(latents)
+    kv = layers.Dense(2 * inner, use_bias=False, dtype=self.dtype, name="to_kv")(jnp.concatenate([x, latents], axis=1))
     k, v = jnp.split(kv, 2, axis=-1)
     split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.dim_head)  # [B, L, heads, d]
     scale = self.dim_head ** -0.25
     logits = jnp.einsum("bqhd,bkhd->bhqk", split(q) * scale, split(k) * scale, preferred_element_type=jnp.float32)
     w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", w, split(v)).reshape(latents.shape[0], latents.shape[1], inner)
-    return nn.Dense(dim, use_bias=False, dtype=self.dtype, name="to_out")(out)
+    return layers.Dense(dim, use_bias=False, dtype=self.dtype, name="to_out")(out)
 
 
 class ResamplerLayer(nn.Module):
@@ -71,8 +71,8 @@ class ResamplerLayer(nn.Module):
     cfg = self.config
     latents = latents + PerceiverAttention(cfg.dim_head, cfg.heads, self.dtype, name="attn")(x, latents)
     h = layers.LayerNorm(1e-5, self.dtype, name="ff_norm")(latents)
-    h = nn.Dense(cfg.dim * cfg.ff_mult, use_bias=False, dtype=self.dtype, name="ff_in")(h)
-    h = nn.Dense(cfg.dim, use_bias=False, dtype=self.dtype, name="ff_out")(nn.gelu(h, approximate=False))
+    h = layers.Dense(cfg.dim * cfg.ff_mult, use_bias=False, dtype=self.dtype, name="ff_in")(h)
+    h = layers.Dense(cfg.dim, use_bias=False, dtype=self.dtype, name="ff_out")(nn.gelu(h, approximate=False))
     return latents + h
 
 
@@ -85,12 +85,12 @@ class Resampler(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    latents = self.param("latents", nn.initializers.normal(cfg.dim ** -0.5), (1, cfg.num_queries, cfg.dim))
+    latents = self.param("latents", layers.checkpoint_init, (1, cfg.num_queries, cfg.dim))
     latents = jnp.broadcast_to(latents.astype(self.dtype), (x.shape[0],) + latents.shape[1:])
-    x = nn.Dense(cfg.dim, dtype=self.dtype, name="proj_in")(x.astype(self.dtype))
+    x = layers.Dense(cfg.dim, dtype=self.dtype, name="proj_in")(x.astype(self.dtype))
     for i in range(cfg.depth):
       latents = ResamplerLayer(cfg, self.dtype, name=f"layers_{i}")(x, latents)
-    latents = nn.Dense(cfg.output_dim, dtype=self.dtype, name="proj_out")(latents)
+    latents = layers.Dense(cfg.output_dim, dtype=self.dtype, name="proj_out")(latents)
     return layers.LayerNorm(1e-5, self.dtype, name="norm_out")(latents)
 
 
@@ -103,7 +103,7 @@ class ImageProjModel(nn.Module):
   @nn.compact
   def __call__(self, embeds):
     cfg = self.config
-    t = nn.Dense(cfg.num_tokens * cfg.cross_attention_dim, dtype=self.dtype, name="proj")(embeds.astype(self.dtype))
+    t = layers.Dense(cfg.num_tokens * cfg.cross_attention_dim, dtype=self.dtype, name="proj")(embeds.astype(self.dtype))
     t = t.reshape(embeds.shape[0], cfg.num_tokens, cfg.cross_attention_dim)
     return layers.LayerNorm(1e-5, self.dtype, name="norm")(t)
 

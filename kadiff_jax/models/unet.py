@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -282,21 +282,24 @@ class TransformerBlock(nn.Module):
 class GEGLU(nn.Module):
   inner: int
   dtype: jnp.dtype
+  kernel_init: Callable = layers.checkpoint_init
 
   @nn.compact
   def __call__(self, x):
-    h, gate = jnp.split(nn.Dense(self.inner * 2, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+    h, gate = jnp.split(nn.Dense(self.inner * 2, dtype=self.dtype, kernel_init=self.kernel_init, name="proj")(x), 2,
+                        axis=-1)
     return h * nn.gelu(gate, approximate=False)
 
 
 class FeedForward(nn.Module):
   dim: int
   dtype: jnp.dtype
+  kernel_init: Callable = layers.checkpoint_init  # a random one where the layer is trained from scratch
 
   @nn.compact
   def __call__(self, x):
-    h = GEGLU(self.dim * 4, self.dtype, name="net_0")(x)
-    return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h)
+    h = GEGLU(self.dim * 4, self.dtype, self.kernel_init, name="net_0")(x)
+    return nn.Dense(self.dim, dtype=self.dtype, kernel_init=self.kernel_init, name="net_2")(h)
 
 
 class Transformer2D(nn.Module):
@@ -316,14 +319,14 @@ class Transformer2D(nn.Module):
     res = x
     x = layers.GroupNorm(cfg.norm_num_groups, 1e-6, self.dtype, name="norm")(x)
     if cfg.use_linear_projection:
-      x = nn.Dense(c, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
+      x = layers.Dense(c, dtype=self.dtype, name="proj_in")(x.reshape(b, h * w, c))
     else:
       x = layers.conv(c, 1, dtype=self.dtype, name="proj_in")(x).reshape(b, h * w, c)  # [B, HW, C]
     for i in range(self.depth):
       x = TransformerBlock(self.heads, f"{self.prefix}.transformer_blocks.{i}", cfg, self.implementation,
                            self.dtype, name=f"transformer_blocks_{i}")(x, context, (h, w), hooks, hook_args)
     if cfg.use_linear_projection:
-      x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
+      x = layers.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)
     else:
       x = layers.conv(c, 1, dtype=self.dtype, name="proj_out")(x.reshape(b, h, w, c))
     return x + res

@@ -81,11 +81,11 @@ class VAEAttention(nn.Module):
   def __call__(self, x):
     b, h, w, c = x.shape
     y = layers.GroupNorm(self.groups, 1e-6, self.dtype, name="group_norm")(x).reshape(b, h * w, c)
-    q = nn.Dense(c, dtype=self.dtype, name="to_q")(y)[:, :, None]  # [B, HW, 1, C]
-    k = nn.Dense(c, dtype=self.dtype, name="to_k")(y)[:, :, None]
-    v = nn.Dense(c, dtype=self.dtype, name="to_v")(y)[:, :, None]
+    q = layers.Dense(c, dtype=self.dtype, name="to_q")(y)[:, :, None]  # [B, HW, 1, C]
+    k = layers.Dense(c, dtype=self.dtype, name="to_k")(y)[:, :, None]
+    v = layers.Dense(c, dtype=self.dtype, name="to_v")(y)[:, :, None]
     o = jax.nn.dot_product_attention(q, k, v).reshape(b, h * w, c)
-    return x + nn.Dense(c, dtype=self.dtype, name="to_out_0")(o).reshape(b, h, w, c)
+    return x + layers.Dense(c, dtype=self.dtype, name="to_out_0")(o).reshape(b, h, w, c)
 
 
 class MidBlock(nn.Module):

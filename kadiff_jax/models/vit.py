@@ -64,7 +64,7 @@ class PatchEmbeddings(nn.Module):
     cfg = self.config
     p = cfg.patch_size
     x = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="projection")(pixels.astype(self.dtype))
+                kernel_init=layers.checkpoint_init, name="projection")(pixels.astype(self.dtype))
     return x.reshape(x.shape[0], -1, cfg.hidden_size)  # raster order, like torch's flatten
 
 
@@ -77,8 +77,8 @@ class Embeddings(nn.Module):
     cfg = self.config
     x = PatchEmbeddings(cfg, self.dtype, name="patch_embeddings")(pixels)
     b = x.shape[0]
-    cls_tok = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, cfg.hidden_size))
-    pos = self.param("position_embeddings", nn.initializers.normal(0.02), (1, cfg.num_tokens, cfg.hidden_size))
+    cls_tok = self.param("cls_token", layers.checkpoint_init, (1, 1, cfg.hidden_size))
+    pos = self.param("position_embeddings", layers.checkpoint_init, (1, cfg.num_tokens, cfg.hidden_size))
     x = jnp.concatenate([jnp.broadcast_to(cls_tok.astype(self.dtype), (b, 1, cfg.hidden_size)), x], axis=1)
     return x + pos.astype(self.dtype)
 
@@ -91,7 +91,7 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, l, d = x.shape
-    q, k, v = (nn.Dense(d, use_bias=self.qkv_bias, dtype=self.dtype, name=n)(x).reshape(b, l, self.heads, -1)
+    q, k, v = (layers.Dense(d, use_bias=self.qkv_bias, dtype=self.dtype, name=n)(x).reshape(b, l, self.heads, -1)
                for n in ("query", "key", "value"))
     return jax.nn.dot_product_attention(q, k, v).reshape(b, l, d)
 
@@ -104,7 +104,7 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(self.features, dtype=self.dtype, name="dense")(x)
+    return layers.Dense(self.features, dtype=self.dtype, name="dense")(x)
 
 
 class Attention(nn.Module):

@@ -93,7 +93,9 @@ def initial_noise(seed: int, indices: Sequence[int], shape: tuple[int, int, int]
   return _noise(np.asarray([0, seed], np.uint32), np.asarray(indices, np.uint32), shape=tuple(shape))
 
 
-@persistent_jit(static_argnames=("shape",))
+# On CPU, LLVM's default level spends 1-1.5 s on this program's unrolled threefry, level 1 a third of that; integer
+# hashing and float ops without fast math give the same bits at every level, and the program runs once per batch
+@persistent_jit(static_argnames=("shape",), cpu_options={"xla_backend_optimization_level": 1})
 def _noise(key, indices, *, shape):
   return jnp.stack([jax.random.normal(jax.random.fold_in(key, indices[n]), shape, jnp.float32)
                     for n in range(indices.shape[0])])
