@@ -22,6 +22,7 @@ def files(tmp_path_factory):
   return d
 
 
+@pytest.mark.slow  # a long end-to-end run (CI runs the slow suite too)
 def test_api_images_equal_the_cli_for_the_same_job(tmp_path, tiny_dir, files):
   import kadiff_jax
   from kadiff_jax import KADiffPipeline, cli

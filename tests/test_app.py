@@ -80,6 +80,7 @@ def test_page_header_names_what_is_loaded(app):
   assert "ip-adapter-plus_sdxl_vit-h" in described
 
 
+@pytest.mark.slow  # a long end-to-end run (CI runs the slow suite too)
 def test_knowledge_tab_retrieves_picks_and_generates(app, tmp_path):
   c = client(app, tmp_path)
   t0 = time.perf_counter()

@@ -172,6 +172,7 @@ def test_explore_splits_the_widest_gaps_and_returns_a_path():
   assert found.chosen[0] == 0 and found.chosen[-1] == 7 and len(found.chosen) == 4
 
 
+@pytest.mark.slow  # a long end-to-end run (CI runs the slow suite too)
 def test_interpolate_cli_dynamic_and_select(tmp_path, tiny_dir, capsys):
   out = tmp_path / "dyn"
   assert cli.main(["interpolate", "--model", str(tiny_dir), "--prompt-a", "a cat", "--prompt-b", "a dog",

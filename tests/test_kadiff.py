@@ -169,6 +169,7 @@ def test_options_validation():
   assert KADiffOptions().step_range() == (19, 49) and KADiffOptions(steps=25).step_range() == (10, 24)
 
 
+@pytest.mark.slow  # a long end-to-end run (CI runs the slow suite too)
 def test_cli_jobs_resume_invert_and_bad_input(tmp_path, tiny_dir, reference_image, capsys):
   import json
   from kadiff_jax import cli

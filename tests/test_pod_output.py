@@ -50,6 +50,7 @@ def _argv(tiny_dir, jobs, out, cache):
           str(cache)]
 
 
+@pytest.mark.slow  # a long end-to-end run (CI runs the slow suite too)
 def test_generate_to_a_memory_url_writes_what_a_folder_gets(tmp_path, tiny_dir):
   import fsspec
   from kadiff_jax import cli

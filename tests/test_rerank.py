@@ -126,6 +126,7 @@ def test_tiny_llava_onevision_generate_falls_back(tiny_mllm):
 
 
 @pytest.mark.skipif(not DREAMBOOTH.is_dir(), reason="../shared/data/dreambooth not present")
+@pytest.mark.slow  # a long end-to-end run (CI runs the slow suite too)
 def test_cli_query_with_rerank(tiny_mllm, tmp_path):
   def kadiff(*args):
     out = subprocess.run([sys.executable, "-m", "kadiff_jax.cli", *map(str, args)], capture_output=True, text=True)
