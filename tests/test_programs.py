@@ -169,3 +169,17 @@ def test_kadiff_command_compiles_without_ynnpack_fusions():
   x, w = jnp.ones((2, 32, 32, 64)), jnp.ones((3, 3, 64, 64))
   conv = lambda x: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   assert "ynn_fusion" not in jax.jit(conv).lower(x).compile().as_text()
+
+
+def test_cpu_options_reach_the_cpu_compile(tmp_path, monkeypatch):
+  """`cpu_options` go to XLA with the program's CPU compile: a valid one is kept as an executable; one XLA does not
+  know makes that compile fail, so the call falls back to the plain jitted function (still right, nothing kept)."""
+  monkeypatch.setenv("KADIFF_COMPILE_CACHE", "off")
+  x = np.arange(6, dtype=np.float32)
+  for options, kept in (({"xla_backend_optimization_level": 1}, True), ({"xla_no_such_option": 1}, False)):
+    monkeypatch.setenv("KADIFF_PROGRAM_CACHE", str(tmp_path / str(kept)))  # no program kept by the other case
+    prog = programs.PersistentJit(lambda a: jnp.sin(a) * 2.0, (), options)
+    np.testing.assert_allclose(np.asarray(prog(x)), np.sin(x) * 2.0, rtol=1e-6)
+    (program,) = prog._programs.values()
+    assert (program is not False) == kept
+    assert len(list((tmp_path / str(kept)).glob("*.xla"))) == int(kept)
